@@ -54,8 +54,8 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    decay: str = "cosine"  # cosine | linear | constant, after warmup
-    min_lr_ratio: float = 0.1
+    decay: str = "cosine"  # cosine | linear | sqrt, from the end of warmup to the last step
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
 
 
 @dataclass
@@ -212,7 +212,7 @@ def validate(config: Config) -> None:
     _choice("model.attention", m.attention, BACKENDS)
     _choice("model.mask", m.mask, MASKS)
     _choice("training.dtype", t.dtype, ("bfloat16", "float32"))
-    _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant"))
+    _choice("optimizer.decay", o.decay, ("cosine", "linear", "sqrt"))
     for where, value in [("training.steps", t.steps), ("training.seq_len", t.seq_len),
                          ("training.local_batch_size", t.local_batch_size),
                          ("training.grad_accum_steps", t.grad_accum_steps), ("metrics.log_every", x.log_every),

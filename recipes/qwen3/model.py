@@ -38,6 +38,9 @@ class Qwen3Config:
 FLAVORS: dict[str, Qwen3Config] = {
     "debug": Qwen3Config(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                          hidden_dim=384, max_seq_len=2048),
+    # Not a published shape: ~30M parameters, for comparing backends on a few GPUs in minutes.
+    "small": Qwen3Config(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
+                         hidden_dim=1536, max_seq_len=4096),
     "0.6B": Qwen3Config(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072),
     "1.7B": Qwen3Config(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=6144),
     "4B": Qwen3Config(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, hidden_dim=9728),

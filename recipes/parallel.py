@@ -1,0 +1,119 @@
+"""Process group, FSDP2 wrapping, activation checkpointing and compilation.
+
+The same code runs on CUDA with NCCL and on CPU with gloo; a plain `python train.py` gets a one-process group,
+so world size 1 and N take the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Joins torchrun's process group (env://) or makes a one-process one; picks NCCL+cuda or gloo+cpu."""
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in backward (torchtitan's full AC, block by block)."""
+    from torchtitan.config.job_config import ActivationCheckpoint
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+
+    apply_ac(model, ActivationCheckpoint(mode="full"))
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """Compile block by block: every block has the same graph, so one compilation serves all of them."""
+    for block in model.layers.values():
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, device: torch.device) -> None:
+    """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head).
+
+    Tied embeddings stay in the root unit with the output head: wrapping tok_embeddings as its own unit would
+    split one parameter across two FSDP groups, which torch >= 2.13 refuses.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    if device.type == "cpu":
+        # gloo has no PREMUL_SUM, which FSDP uses to pre-divide gradients; sum then divide instead.
+        for module in model.modules():
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first (e.g. filling a cache), then the other ranks run it."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.get_rank() == 0:
+        dist.barrier()
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, optimizer_config, steps: int):
+    """torchtitan's linear warmup then decay (cosine, linear or sqrt) to lr * min_lr_ratio, as a LambdaLR."""
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+    from torchtitan.config.job_config import LRScheduler
+
+    schedule = LRScheduler(warmup_steps=optimizer_config.warmup_steps, decay_type=optimizer_config.decay,
+                           min_lr_factor=optimizer_config.min_lr_ratio)
+    return build_lr_schedulers([optimizer], schedule, steps).schedulers[0]
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool) -> tuple[float, float, bool]:
+    """One all-reduce and one host sync: (loss averaged over ranks, grad norm, whether any rank was signalled)."""
+    world = dist.get_world_size()
+    stats = torch.stack([loss.float(), grad_norm.float() / world, torch.tensor(float(signalled), device=loss.device)])
+    dist.all_reduce(stats)
+    loss_mean, norm, flags = stats.tolist()
+    return loss_mean / world, norm, flags > 0
