@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
                 window_tokens, window_flops, window_tt_flops, window_start = 0, 0.0, 0.0, time.perf_counter()
 
             interval = config.checkpoint.interval
-            if (interval and step % interval == 0) or step == t.steps or preempted:
+            if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):
                 checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
             if preempted:
                 log.warning("preempted (%s) at step %d: checkpoint saved; run again to continue",

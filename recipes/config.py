@@ -71,6 +71,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
+    enable: bool = True  # false: never save (benchmarks); resume still loads what the folder holds
     interval: int = 0  # steps between checkpoints; 0 = only at the end and on preemption
     resume: bool = True  # continue from the newest complete checkpoint in <output_dir>/checkpoints
     keep: int = 2

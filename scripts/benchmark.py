@@ -1,0 +1,199 @@
+"""Throughput, MFU and memory of the recipe per attention backend, beside torchtitan 0.2.2's own Trainer.
+
+Each case is a real `torchrun train.py` run (FSDP over the node's GPUs, packed documents from the offline default
+corpus) read back from its metrics.jsonl; the torchtitan baseline runs `torchrun -m torchtitan.train` on the same
+model shape, documents, tokenizer and batch. Run on the GPU machine:
+
+    python scripts/benchmark.py --tokenizer /path/to/qwen3-tokenizer --out results/   # table on stdout
+    python scripts/benchmark.py --cases varlen-document-4096-compile --torchtitan none --gqa-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# backend-mask-seq_len-(compile|eager); local batch keeps 16k tokens per GPU per step.
+DEFAULT_CASES = [
+    "varlen-document-4096-compile", "flex-document-4096-compile", "sdpa-causal-4096-compile",
+    "sdpa-document-4096-compile", "varlen-document-8192-compile", "sdpa-causal-8192-compile",
+    "sdpa-causal-4096-eager", "varlen-document-4096-eager",
+]
+DEFAULT_TORCHTITAN = ["sdpa-causal-4096-compile", "varlen-document-8192-compile"]
+TOKENS_PER_GPU = 16384
+TORCHTITAN_MASK = {"causal": "causal", "document": "block_causal"}
+
+
+def parse_case(case: str) -> dict:
+    backend, mask, seq_len, mode = case.split("-")
+    seq = int(seq_len)
+    return {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
+            "local_batch_size": max(1, TOKENS_PER_GPU // seq)}
+
+
+def summarize(rows: list[dict], skip: int) -> dict:
+    """Medians over the steps after the first `skip` (compilation and warm-up)."""
+    timed = rows[skip:] or rows[-1:]
+    def median(key):
+        values = [r[key] for r in timed if r.get(key) is not None]
+        return statistics.median(values) if values else None
+    return {"tokens_per_sec_per_gpu": median("tokens_per_sec_per_gpu"), "mfu": median("mfu"),
+            "mfu_torchtitan": median("mfu_torchtitan"), "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
+            "steps": rows[-1]["step"]}
+
+
+def run_ours(spec: dict, args, work: Path) -> dict:
+    out = work / f"ours-{spec['case']}"
+    command = [
+        "torchrun", "--standalone", f"--nproc_per_node={args.nproc}", str(REPO / "train.py"),
+        "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
+        "--model.flavor", args.flavor, "--model.mask", spec["mask"],
+        "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
+        "--training.steps", str(args.steps), "--training.compile", str(spec["compile"]).lower(),
+        "--training.dtype", "bfloat16", "--optimizer.warmup_steps", "10",
+        "--data.tokenizer", args.tokenizer, "--checkpoint.enable", "false", "--checkpoint.resume", "false",
+        "--metrics.log_every", "1", "--metrics.wandb", "false", "--job.output_dir", str(out),
+    ]
+    log = work / f"ours-{spec['case']}.log"
+    started = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=args.case_timeout).returncode
+    metrics = out / "metrics.jsonl"
+    if rc != 0 or not metrics.exists():
+        return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "wall_s": time.time() - started}
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started}
+
+
+def torchtitan_setup(args, work: Path) -> Path:
+    """torchtitan reads documents as a jsonl folder and the tokenizer from hf_assets_path."""
+    from recipes.data import stdlib_documents
+
+    corpus = work / "tt_corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    with open(corpus / "data.json", "w") as f:
+        for text in stdlib_documents():
+            f.write(json.dumps({"text": text}) + "\n")
+    return corpus
+
+
+def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
+    tt = REPO / "benchmarks" / "torchtitan"
+    command = [
+        "torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "torchtitan.train",
+        "--job.config_file", str(tt / "base.toml"), "--job.dump_folder", str(work / f"tt-{spec['case']}"),
+        "--model.hf_assets_path", args.tokenizer, "--experimental.custom_import", "ttflavors",
+        "--model.flavor", f"{args.flavor}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
+        "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
+        "--training.steps", str(args.steps), "--training.dataset_path", str(corpus), "--metrics.log_freq", "1",
+        "--compile.enable" if spec["compile"] else "--compile.no-enable",
+    ]
+    env = {**os.environ, "PYTHONPATH": f"{tt}:{os.environ.get('PYTHONPATH', '')}"}
+    log = work / f"tt-{spec['case']}.log"
+    started = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.case_timeout).returncode
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+    rows = [{"step": int(m[1]), "peak_memory_gib": float(m[2]), "tokens_per_sec_per_gpu": float(m[3].replace(",", "")),
+             "mfu_torchtitan": float(m[4]) / 100, "mfu": None}
+            for m in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%", text)]
+    if rc != 0 or not rows:
+        return {**spec, "impl": "torchtitan-0.2.2", "error": f"rc={rc}, see {log.name}", "wall_s": time.time() - started}
+    return {**spec, "impl": "torchtitan-0.2.2", **summarize(rows, args.skip), "wall_s": time.time() - started}
+
+
+def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
+    """Peak memory of attention forward+backward with GQA in the kernel vs K/V repeated to the query heads."""
+    import torch
+    import torch.nn.functional as F
+
+    results = []
+    for repeat in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        q = torch.randn(batch, q_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(2))
+        base = torch.cuda.memory_allocated()
+        if repeat:
+            kr, vr = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+        torch.cuda.synchronize()
+        results.append({"kv": "repeated" if repeat else "gqa in kernel",
+                        "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20})
+        del q, k, v, out
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| impl | backend | mask | seq × local batch | compile | tokens/s/GPU | MFU (useful) | MFU (torchtitan) | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['backend']} | {r['mask']} | {r['seq_len']} × {r['local_batch_size']} | "
+                         f"{r['compile']} | failed: {r['error']} | | | |")
+            continue
+        pct = lambda x: "—" if x is None else f"{x:.1%}"
+        lines.append(f"| {r['impl']} | {r['backend']} | {r['mask']} | {r['seq_len']} × {r['local_batch_size']} | "
+                     f"{r['compile']} | {r['tokens_per_sec_per_gpu']:,.0f} | {pct(r['mfu'])} | "
+                     f"{pct(r['mfu_torchtitan'])} | {r['peak_memory_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (the real Qwen3 one)")
+    parser.add_argument("--flavor", default="0.6B")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    parser.add_argument("--torchtitan", nargs="*", default=DEFAULT_TORCHTITAN, help="cases for the baseline; 'none'")
+    parser.add_argument("--gqa-memory", action="store_true")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compile, warm-up)")
+    parser.add_argument("--case-timeout", type=int, default=240)
+    parser.add_argument("--work", default="/tmp/benchmark")
+    parser.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for case in args.cases:
+        results.append(run_ours(parse_case(case), args, work))
+        print(markdown(results[-1:]).splitlines()[-1], flush=True)
+    baseline = [c for c in args.torchtitan if c != "none"]
+    if baseline:
+        corpus = torchtitan_setup(args, work)
+        for case in baseline:
+            results.append(run_torchtitan(parse_case(case), args, work, corpus))
+            print(markdown(results[-1:]).splitlines()[-1], flush=True)
+    report = {"results": results}
+    if args.gqa_memory:
+        report["gqa_memory"] = gqa_memory()
+    table = markdown(results)
+    print(table)
+    if "gqa_memory" in report:
+        print(json.dumps(report["gqa_memory"]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(report, indent=1))
+        (out / "benchmark.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
