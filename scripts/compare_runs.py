@@ -119,8 +119,12 @@ def losses(run: Run) -> dict[int, float]:
     return values
 
 
-def window_bounds(first: int, last: int, window: int | None) -> list[tuple[int, int]]:
-    length = window or max(1, math.ceil((last - first + 1) / DEFAULT_WINDOWS))
+def window_bounds(steps: list[int], window: int | None) -> list[tuple[int, int]]:
+    """First and last step of each window over the sorted aligned steps. The default length is a multiple of
+    the logging interval, so that every window holds about the same number of logged steps."""
+    first, last = steps[0], steps[-1]
+    interval = math.gcd(*(b - a for a, b in zip(steps, steps[1:]))) or 1
+    length = window or interval * max(1, math.ceil(len(steps) / DEFAULT_WINDOWS))
     return [(start, min(start + length - 1, last)) for start in range(first, last + 1, length)]
 
 
@@ -148,10 +152,9 @@ def compare_pair(a: Run, b: Run, skip_steps: int, max_tolerance: float, mean_tol
 
 def add_windows(pairs: list[PairResult], window: int | None) -> None:
     """Windows on one step grid for every pair, so the table's rows line up."""
-    first = min(min(pair.aligned) for pair in pairs)
-    last = max(max(pair.aligned) for pair in pairs)
+    bounds = window_bounds(sorted(set().union(*(pair.aligned for pair in pairs))), window)
     for pair in pairs:
-        for start, end in window_bounds(first, last, window):
+        for start, end in bounds:
             inside = {step: diff for step, diff in pair.aligned.items() if start <= step <= end}
             max_diff, _, mean_diff = summarize(inside)
             pair.windows.append(Window(start, end, len(inside), max_diff, mean_diff))
@@ -176,7 +179,7 @@ def print_report(runs: list[Run], pairs: list[PairResult], args: argparse.Namesp
     width = max(len(run.label) for run in runs)
     for run in runs:
         steps = [row["step"] for row in run.rows]
-        print(f"  {run.label:<{width}}  {len(steps)} steps ({steps[0]}-{steps[-1]})  {run.source}")
+        print(f"  {run.label:<{width}}  {len(steps)} logged steps ({steps[0]}-{steps[-1]})  {run.source}")
     names = [f"{pair.a} vs {pair.b}" for pair in pairs]
     width = max(len(name) for name in names)
     print(f"\n{'pair':<{width}}  {'steps':>6}  {'max|diff|':>9}  {'at step':>7}  {'mean|diff|':>10}  verdict")
@@ -188,6 +191,8 @@ def print_report(runs: list[Run], pairs: list[PairResult], args: argparse.Namesp
     columns = [max(len(name), 10) for name in names]
     print(f"{'steps':<13}" + "  ".join(f"{name:>{column}}" for name, column in zip(names, columns)))
     for row, window in enumerate(pairs[0].windows):
+        if not any(pair.windows[row].steps for pair in pairs):
+            continue  # a --window shorter than the logging interval
         cells = []
         for pair, column in zip(pairs, columns):
             value = pair.windows[row].max_abs_diff
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     failed = [f"{pair.a} vs {pair.b}" for pair in pairs if not pair.passed]
-    print(f"result: {'exceeds tolerance: ' + ', '.join(failed) if failed else f'all {len(pairs)} pairs agree'}")
+    agree = "the pair agrees" if len(pairs) == 1 else f"all {len(pairs)} pairs agree"
+    print(f"result: {'exceeds tolerance: ' + ', '.join(failed) if failed else agree}")
     return 1 if failed else 0
 
 

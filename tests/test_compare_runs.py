@@ -88,11 +88,16 @@ def test_diverging_run_exits_1_and_windows_show_where(three_backends, tmp_path, 
     assert "exceeds tolerance: sdpa vs varlen, flex vs varlen" in out
 
 
-def test_default_windows_cover_the_run_in_ten(three_backends, tmp_path):
+@pytest.mark.parametrize("steps, expected", [
+    (range(1, 41), [(s, s + 3, 4) for s in range(1, 41, 4)]),  # ten windows
+    (range(5, 101, 5), [(s, min(s + 9, 100), 2) for s in range(5, 101, 10)]),  # log_every 5: each window holds whole intervals
+])
+def test_default_windows_cover_the_run_in_ten(tmp_path, steps, expected):
+    runs = [write_run(tmp_path / name, name, steps=steps) for name in ("sdpa", "flex")]
     table = tmp_path / "windows.json"
-    compare_main([*map(str, three_backends), "--tolerance", "1", "--png", str(tmp_path / "w.png"), "--json", str(table)])
+    compare_main([*map(str, runs), "--png", str(tmp_path / "w.png"), "--json", str(table)])
     windows = json.loads(table.read_text())["pairs"][0]["windows"]
-    assert [(w["first_step"], w["last_step"], w["steps"]) for w in windows] == [(s, s + 3, 4) for s in range(1, 41, 4)]
+    assert [(w["first_step"], w["last_step"], w["steps"]) for w in windows] == expected
 
 
 def test_mean_tolerance_catches_a_small_constant_bias(tmp_path, capsys):

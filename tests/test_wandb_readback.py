@@ -109,3 +109,25 @@ def test_api_without_credentials_exits_2_with_one_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("compare_runs.py: error: wandb:someone/readback/abc123: W&B API unreachable")
     assert "WANDB_API_KEY" in last_line
+
+
+WORKSPACE_SCRIPT = SCRIPT.with_name("wandb_workspace.py")
+
+
+def test_workspace_script_without_its_optional_package_exits_2(tmp_path):
+    # sys.modules[name] = None makes `import name` fail as if it were not installed, wherever it is.
+    code = (f"import runpy, sys; sys.modules['wandb_workspaces'] = None; sys.argv = ['wandb_workspace.py', '--entity', "
+            f"'me', '--group', 'g']; runpy.run_path({str(WORKSPACE_SCRIPT)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "wandb_workspace.py: error: wandb_workspaces is not installed; pip install wandb-workspaces\n"
+
+
+@pytest.mark.parametrize("kind", [[], ["--report"]])
+def test_workspace_script_builds_the_view_and_needs_credentials_to_save(tmp_path, kind):
+    pytest.importorskip("wandb_workspaces")
+    result = subprocess.run([sys.executable, str(WORKSPACE_SCRIPT), "--entity", "me", "--group", "g", *kind],
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("wandb_workspace.py: error: could not save to W&B (No API key configured")
+    assert result.stderr.count("\n") == 1
