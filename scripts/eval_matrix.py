@@ -1,0 +1,117 @@
+"""Held-out loss of each training checkpoint evaluated under every attention backend: a backends × backends table.
+
+    python scripts/eval_matrix.py outputs/qwen3_{sdpa,flex,varlen} [--step 300] [--mutation]
+
+Row = the backend a checkpoint was trained with, column = the backend that evaluates it. With the fork every row
+agrees across its columns (same weights, same function). --mutation adds, per checkpoint, the column "varlen
+(0.2.1 layout)": the same weights evaluated through torchtitan 0.2.1's layout mistake (recipes.qwen3.mutation,
+reachable only from here and the tests), where the loss collapses to noise. Exit code 1 when a row's backends
+disagree beyond --tolerance, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from recipes import checkpoint, data  # noqa: E402
+from recipes.config import ConfigError, load_config  # noqa: E402
+from recipes.qwen3.attention import BACKENDS  # noqa: E402
+from recipes.qwen3.model import Qwen3Model, flavor_config  # noqa: E402
+from recipes.qwen3.mutation import inject_varlen_layout_mistake  # noqa: E402
+
+MUTATION = "varlen (0.2.1 layout)"
+
+
+def checkpoint_folder(run_dir: Path, step: int | None) -> Path:
+    folders = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+    if step is not None:
+        folders = [f for f in folders if f == checkpoint.step_folder(run_dir / "checkpoints", step)]
+    if not folders:
+        raise ConfigError(f"{run_dir}: no complete checkpoint{'' if step is None else f' at step {step}'}; "
+                          f"train it first or pick --step from {run_dir / 'checkpoints'}")
+    return folders[-1]
+
+
+@torch.no_grad()
+def heldout_loss(model: Qwen3Model, batches: list[torch.Tensor], device: torch.device) -> float:
+    losses = []
+    for rows in batches:
+        rows = rows.to(device)
+        logits = model(rows[:, :-1])
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten()))
+    return float(torch.stack(losses).mean())
+
+
+def evaluate_run(run_dir: Path, args, device: torch.device) -> dict:
+    config = load_config(str(run_dir / "config.toml"))
+    folder = checkpoint_folder(run_dir, args.step)
+    cache_dir = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "qwen3-recipes"))
+    tokenizer = data.build_tokenizer(config.data, cache_dir)
+    loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
+                                   config.training.seed, cache_dir, heldout=True)
+    batches = [next(loader) for _ in range(args.batches)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # varlen's CUDA kernel needs 16-bit inputs
+    columns = list(BACKENDS) + ([MUTATION] if args.mutation else [])
+    losses = {}
+    for column in columns:
+        attention = "varlen" if column == MUTATION else column
+        model = Qwen3Model(flavor_config(config.model.flavor, attention=attention, mask=config.model.mask,
+                                         eos_id=tokenizer.eos_id))
+        checkpoint.load_model_weights(folder, model)
+        if column == MUTATION:
+            inject_varlen_layout_mistake(model)
+        model.to(device=device, dtype=dtype).eval()
+        losses[column] = heldout_loss(model, batches, device)
+    return {"run": str(run_dir), "trained_with": config.model.attention, "checkpoint": folder.name, "losses": losses}
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = list(rows[0]["losses"])
+    lines = ["| trained with ↓ / evaluated with → | " + " | ".join(columns) + " | max spread (fork) |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        fork = [row["losses"][b] for b in BACKENDS]
+        lines.append(f"| {row['trained_with']} ({row['checkpoint']}) | "
+                     + " | ".join(f"{row['losses'][c]:.5f}" for c in columns) + f" | {max(fork) - min(fork):.2e} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: each run's newest)")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mutation", action="store_true", help="add the 0.2.1 layout mistake as a column")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max loss spread within a row (default 1e-4 on CPU/fp32, 2e-2 on CUDA/bf16)")
+    parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tolerance = args.tolerance if args.tolerance is not None else (2e-2 if device.type == "cuda" else 1e-4)
+    try:
+        rows = [evaluate_run(run, args, device) for run in args.runs]
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "tolerance": tolerance, "rows": rows}, indent=1))
+    spreads = [max(r["losses"][b] for b in BACKENDS) - min(r["losses"][b] for b in BACKENDS) for r in rows]
+    agree = max(spreads) <= tolerance
+    print(f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
+          f"tolerance {tolerance:.0e})")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
