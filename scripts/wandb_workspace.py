@@ -1,7 +1,7 @@
 """Save a W&B workspace view (or a report) that overlays the attention backends' runs of one group.
 
     pip install wandb-workspaces        # optional: only this script needs it
-    python scripts/wandb_workspace.py --entity ENTITY --project PROJECT --group GROUP [--report]
+    python scripts/wandb_workspace.py --entity ENTITY [--project PROJECT] [--group GROUP] [--report]
 
 One line per run of the group (train.py names runs <flavor>-<attention>-<mask>), x axis = step, no smoothing,
 a panel per metric that train.py logs, loss first. Needs W&B credentials (WANDB_API_KEY or `wandb login`) and
@@ -25,14 +25,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="W&B user or team (default: $WANDB_ENTITY)")
     parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "qwen3-fsdp-recipes"),
                         help="W&B project (default: $WANDB_PROJECT, else qwen3-fsdp-recipes as in [metrics])")
-    parser.add_argument("--group", default=os.environ.get("WANDB_RUN_GROUP"),
-                        help="the run group holding one run per backend (default: $WANDB_RUN_GROUP)")
+    parser.add_argument("--group", default=os.environ.get("WANDB_RUN_GROUP", "qwen3-backends"),
+                        help="the run group holding one run per backend (default: $WANDB_RUN_GROUP, else "
+                             "qwen3-backends as in configs/qwen3_{sdpa,flex,varlen}.toml)")
     parser.add_argument("--name", default="Attention backends", help="title of the view or report")
     parser.add_argument("--report", action="store_true", help="save a report (shareable page) instead of a workspace view")
     args = parser.parse_args(argv)
-    for option in ("entity", "group"):
-        if not getattr(args, option):
-            parser.error(f"--{option} is required (or set ${'WANDB_ENTITY' if option == 'entity' else 'WANDB_RUN_GROUP'})")
+    if not args.entity:
+        parser.error("--entity is required (or set $WANDB_ENTITY): the W&B user or team that owns the project")
     return args
 
 
