@@ -1,0 +1,493 @@
+"""Corpora, tokenizers and the packed, resumable loader.
+
+One global token stream per seed: documents in a seeded order per epoch, each followed by EOS, concatenated and
+cut into rows of seq_len+1 (no padding). Step i's global batch is rows [i*G, (i+1)*G) with G = local batch x
+world size, and rank r takes the contiguous slice [r*local, (r+1)*local) of it, so every attention backend and
+every world size with the same global batch trains on the same tokens. The loader's state is its position in
+that stream (a token count, or a document and offset for hub streams), so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sysconfig
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+
+from recipes.config import ConfigError, DataConfig
+
+DEFAULT_EOS = "<|endoftext|>"
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_CACHE_VERSION = "v1"  # bump when the cached tokenizer or token-file format changes
+_ENCODE_CHUNK = 256  # documents per encode_batch call: large enough for the Rust thread pool, small in memory
+_HUB_SHUFFLE_BUFFER = 10_000
+
+
+# ----------------------------------------------------------------------------------------------- documents
+
+
+def stdlib_documents() -> Iterator[str]:
+    """The running interpreter's standard library .py files (tests excluded), in sorted path order.
+
+    Real text on any machine with Python, so the default run needs no download; it differs between Python builds,
+    which the caches see through the content hash.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in _STDLIB_SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                text = Path(folder, name).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if text.strip():
+                yield text
+
+
+def _missing_field(file: Path, text_field: str, keys) -> ConfigError:
+    return ConfigError(f"data.text_field: {text_field!r} is not a field of the records in {file} "
+                       f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text")
+
+
+def _records_text(file: Path, records: Iterable[dict], text_field: str) -> Iterator[str]:
+    for record in records:
+        if text_field not in record:
+            raise _missing_field(file, text_field, record)
+        yield record[text_field]
+
+
+def _file_documents(file: Path, text_field: str) -> Iterator[str]:
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        yield file.read_text(encoding="utf-8", errors="replace")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(file)
+        if text_field not in schema.names:
+            raise _missing_field(file, text_field, schema.names)
+        for batch in pq.ParquetFile(file).iter_batches(columns=[text_field]):
+            yield from batch.column(0).to_pylist()
+    else:  # .jsonl, or .json holding either JSON lines or one array of records
+        with file.open(encoding="utf-8") as handle:
+            head = handle.read(4096).lstrip()[:1]
+            handle.seek(0)
+            try:
+                if head == "[":
+                    yield from _records_text(file, json.load(handle), text_field)
+                else:
+                    yield from _records_text(file, (json.loads(line) for line in handle if line.strip()), text_field)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"data.dataset: {file} is not valid JSON lines ({error}); "
+                                  "fix the file or point data.dataset elsewhere") from None
+
+
+def local_documents(path: Path, text_field: str) -> Iterator[str]:
+    """Documents of a .jsonl/.json/.parquet/.txt file, or of every such file under a folder (sorted); .txt files are
+    one document each, the others one document per record's `text_field`."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise ConfigError(f"data.dataset: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files; "
+                              "point it at a folder that does")
+    elif path.suffix.lower() in FILE_SUFFIXES:
+        files = [path]
+    else:
+        raise ConfigError(f"data.dataset: {path} is not a {'/'.join(FILE_SUFFIXES)} file; convert it or use a folder")
+    for file in files:
+        for text in _file_documents(file, text_field):
+            if text is not None and text.strip():
+                yield text
+
+
+def _local_source(data: DataConfig) -> Callable[[], Iterator[str]] | None:
+    """A function that reads data.dataset's documents afresh (so no pass holds the corpus in memory) if it names an
+    offline source; None for a hub dataset."""
+    if data.dataset == "stdlib":
+        return stdlib_documents
+    if data.dataset.startswith("hf:"):
+        return None
+    path = Path(data.dataset).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.dataset: {data.dataset!r} does not exist; give \"stdlib\", a "
+                          f"{'/'.join(FILE_SUFFIXES)} file or folder, or \"hf:NAME\" for a hub dataset")
+    return lambda: local_documents(path, data.text_field)
+
+
+def corpus_hash(documents: Iterable[str]) -> str:
+    """sha256 over the documents and their boundaries: the cache key of everything built from a corpus."""
+    digest = hashlib.sha256()
+    count = 0
+    for text in documents:
+        raw = text.encode("utf-8", errors="surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw)
+        count += 1
+    if count == 0:
+        raise ConfigError("data.dataset: the corpus has no non-empty documents; point it at files with text")
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a private temporary file and rename, so a reader (or another rank) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """A HF `tokenizers` tokenizer with the EOS that separates packed documents.
+
+    encode() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not torchtitan's
+    HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan 0.2.2 does not
+    import on torch >= 2.13 without triton.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, eos_token: str, name: str):
+        eos_id = backend.token_to_id(eos_token)
+        if eos_id is None:
+            raise ConfigError(f"data.eos_token: {eos_token!r} is not a token of {name}; "
+                              "set data.eos_token to a token in its vocabulary")
+        self.backend, self.eos_token, self.eos_id, self.name = backend, eos_token, eos_id, name
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.hash = hashlib.sha256(f"{backend.to_str()}\0{eos_id}".encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name}, vocab {self.vocab_size}, eos {self.eos_token!r}={self.eos_id})"
+
+
+def train_default_tokenizer(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Byte-level BPE with DEFAULT_EOS as its one special token; the same documents give the same merges."""
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[DEFAULT_EOS], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(documents, trainer)
+    return backend
+
+
+def _default_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
+    minimum = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 1
+    if data.vocab_size < minimum:
+        raise ConfigError(f"data.vocab_size: {data.vocab_size} is below the byte-level minimum {minimum}; raise it")
+    key = corpus_hash(stdlib_documents())
+    path = Path(cache_dir) / f"tokenizer-bpe{data.vocab_size}-stdlib-{key[:16]}-{_CACHE_VERSION}.json"
+    if not path.exists():
+        backend = train_default_tokenizer(stdlib_documents(), data.vocab_size)
+        _write_atomic(path, lambda handle: handle.write(backend.to_str().encode()))
+    backend = tokenizers.Tokenizer.from_file(str(path))
+    return Tokenizer(backend, data.eos_token or DEFAULT_EOS, f"default BPE {data.vocab_size} (stdlib {key[:8]})")
+
+
+def _config_eos(folder: Path) -> str:
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return ""
+    eos = json.loads(config.read_text()).get("eos_token") or ""
+    return eos.get("content", "") if isinstance(eos, dict) else eos
+
+
+def _file_tokenizer(data: DataConfig, tokenizer_json: Path, name: str) -> Tokenizer:
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    except Exception as error:  # the Rust side raises a bare Exception for a malformed file
+        raise ConfigError(f"data.tokenizer: {tokenizer_json} is not a tokenizers JSON file ({error}); "
+                          "point it at a HF tokenizer.json") from None
+    eos = data.eos_token or _config_eos(tokenizer_json.parent)
+    if not eos:
+        if backend.token_to_id(DEFAULT_EOS) is None:
+            raise ConfigError(f"data.eos_token: {name} names no end-of-text token and has no {DEFAULT_EOS!r}; "
+                              "set data.eos_token to the token that separates documents")
+        eos = DEFAULT_EOS
+    return Tokenizer(backend, eos, name)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Hub ids are NAME or ORG/NAME; anything else that does not exist is a mistyped path, not worth a hub try."""
+    return text.startswith((".", "/", "~")) or text.endswith(".json") or text.count("/") > 1
+
+
+def _hub_tokenizer_folder(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["tokenizer.json", "tokenizer_config.json"]))
+    except RepositoryNotFoundError:
+        raise ConfigError(f"data.tokenizer: no hub repository {repo_id!r}; check the id, or give a tokenizer.json "
+                          "file or folder") from None
+    except Exception as error:  # offline, the hub client raises several unrelated types (OSError, httpx, offline mode)
+        raise ConfigError(f"data.tokenizer: cannot load {repo_id!r} (not a file/folder, and the hub is unreachable: "
+                          f"{type(error).__name__}); give a local tokenizer.json or folder, or \"default\"") from None
+
+
+def build_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
+    """data.tokenizer: "default" (byte-level BPE of data.vocab_size trained on the stdlib corpus, cached under
+    cache_dir), a tokenizer.json or a folder holding one, or a HF hub id such as "Qwen/Qwen3-0.6B"."""
+    spec = data.tokenizer
+    if spec == "default":
+        return _default_tokenizer(data, cache_dir)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _file_tokenizer(data, path, str(path))
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"data.tokenizer: folder {path} has no tokenizer.json; point it at one that does")
+        return _file_tokenizer(data, path / "tokenizer.json", str(path))
+    if _looks_like_path(spec):
+        raise ConfigError(f"data.tokenizer: {spec!r} does not exist; give a tokenizer.json, a folder, a hub id "
+                          "or \"default\"")
+    folder = _hub_tokenizer_folder(spec)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"data.tokenizer: hub repository {spec!r} has no tokenizer.json; use one that has")
+    return _file_tokenizer(data, folder / "tokenizer.json", spec)
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {model_vocab_size} "
+                          f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
+                          "(data.vocab_size for the default one)")
+
+
+# ----------------------------------------------------------------------------------------------- token streams
+
+
+def _tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """All documents, each followed by EOS, as one uint32 array, and the int64 offsets of document starts (n+1)."""
+    pieces, lengths = [], [0]
+    eos = np.array([tokenizer.eos_id], dtype=np.uint32)
+    documents = iter(documents)
+    while chunk := list(itertools.islice(documents, _ENCODE_CHUNK)):
+        for ids in tokenizer.encode_batch(chunk):
+            pieces += [np.asarray(ids, dtype=np.uint32), eos]
+            lengths.append(len(ids) + 1)
+    return np.concatenate(pieces), np.cumsum(lengths, dtype=np.int64)
+
+
+class CorpusTokens:
+    """A tokenized finite corpus as an endless stream: epoch e is every document once, in the order of
+    default_rng([seed, e]).permutation. Any position is reachable at once, so the state is one token count."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seed: int):
+        self.tokens, self.offsets, self.seed = tokens, offsets, seed
+        self.num_documents = len(offsets) - 1
+        self.num_tokens = int(offsets[-1])  # EOS separators included
+        self.position = 0
+        self._layout_epoch, self._order, self._starts = -1, None, None
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch != self._layout_epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
+            lengths = np.diff(self.offsets)[order]
+            self._order, self._starts = order, np.concatenate([[0], np.cumsum(lengths)])
+            self._layout_epoch = epoch
+        return self._order, self._starts
+
+    def take(self, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.uint32)
+        filled = 0
+        while filled < count:
+            epoch, within = divmod(self.position + filled, self.num_tokens)
+            order, starts = self._layout(epoch)
+            k = int(np.searchsorted(starts, within, side="right")) - 1
+            document = order[k]
+            begin = int(self.offsets[document]) + within - int(starts[k])
+            n = min(count - filled, int(self.offsets[document + 1]) - begin)
+            out[filled:filled + n] = self.tokens[begin:begin + n]
+            filled += n
+        self.position += count
+        return out
+
+    def state_dict(self) -> dict:
+        return {"tokens_consumed": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["tokens_consumed"])
+
+
+class StreamedTokens:
+    """A (hub) IterableDataset tokenized on the fly, in the order of its seeded shuffle buffer per epoch.
+
+    Every rank reads and tokenizes the whole stream and keeps its own rows: that is what keeps the stream free of
+    the world size (the dataset's own split_dataset_by_node would give each world size other batches). The state is the first document not yet fully consumed (epoch, index in that epoch's order) and how many of its
+    tokens were; resuming re-reads that epoch up to the document without tokenizing the skipped ones.
+    """
+
+    def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seed: int, name: str):
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=_HUB_SHUFFLE_BUFFER)
+        self.tokenizer, self.text_field, self.name = tokenizer, text_field, name
+        self.num_documents = self.num_tokens = None  # unknown for a stream
+        self._seek(epoch=0, document=0, offset=0)
+
+    def _documents(self, epoch: int, skip: int) -> Iterator[tuple[int, int, str]]:
+        while True:
+            self.dataset.set_epoch(epoch)
+            index = -1
+            for index, record in enumerate(self.dataset):
+                if index < skip:
+                    continue
+                if self.text_field not in record:
+                    raise _missing_field(Path(self.name), self.text_field, record)
+                text = record[self.text_field]
+                if text and text.strip():
+                    yield epoch, index, text
+            if index < 0:
+                raise ConfigError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
+            epoch, skip = epoch + 1, 0
+
+    def _seek(self, epoch: int, document: int, offset: int) -> None:
+        self._reader = self._documents(epoch, document)
+        self._buffer: deque[tuple[int, int, np.ndarray]] = deque()  # (epoch, index, tokens + EOS)
+        self._head_offset = offset  # tokens of the buffer's first document already consumed
+        self._buffered = -offset
+
+    def _read_chunk(self) -> None:
+        chunk = list(itertools.islice(self._reader, _ENCODE_CHUNK))
+        eos = [self.tokenizer.eos_id]
+        for (epoch, index, _), ids in zip(chunk, self.tokenizer.encode_batch([text for *_, text in chunk])):
+            tokens = np.asarray(ids + eos, dtype=np.uint32)
+            self._buffer.append((epoch, index, tokens))
+            self._buffered += len(tokens)
+
+    def take(self, count: int) -> np.ndarray:
+        while self._buffered < count:
+            self._read_chunk()
+        out = np.empty(count, dtype=np.uint32)
+        filled = 0
+        while filled < count:
+            tokens = self._buffer[0][2]
+            n = min(count - filled, len(tokens) - self._head_offset)
+            out[filled:filled + n] = tokens[self._head_offset:self._head_offset + n]
+            filled, self._head_offset = filled + n, self._head_offset + n
+            if self._head_offset == len(tokens):
+                self._buffer.popleft()
+                self._head_offset = 0
+        self._buffered -= count
+        return out
+
+    def state_dict(self) -> dict:
+        if not self._buffer:
+            self._read_chunk()
+        epoch, index, _ = self._buffer[0]
+        return {"epoch": epoch, "document": index, "offset": self._head_offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seek(int(state["epoch"]), int(state["document"]), int(state["offset"]))
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+
+class PackedLoader:
+    """Yields this rank's (local_batch_size, seq_len+1) int64 rows of the world-size-independent global stream.
+
+    An iterator of its own rather than torch's (or torchdata's Stateful) DataLoader: the whole state is a stream
+    position, and worker processes would only add state to thread through checkpoints.
+    """
+
+    def __init__(self, stream: CorpusTokens | StreamedTokens, identity: dict, seq_len: int,
+                 local_batch_size: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.stream, self.identity = stream, identity
+        self.row_len, self.local_batch_size, self.rank = seq_len + 1, local_batch_size, rank
+        self.global_batch_size = local_batch_size * world_size
+        self.num_documents, self.num_tokens = stream.num_documents, stream.num_tokens
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        rows = self.stream.take(self.global_batch_size * self.row_len).reshape(self.global_batch_size, self.row_len)
+        mine = rows[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
+        return torch.from_numpy(mine.astype(np.int64))
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable; the same on every rank, since the position is in the global stream."""
+        return {**self.identity, **self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for field, value in self.identity.items():
+            if state.get(field) != value:
+                raise ConfigError(f"{field}: the checkpoint's data stream was made with {state.get(field)!r}, this run "
+                                  f"has {value!r}; resume with the same setting, or use a new job.output_dir")
+        self.stream.load_state_dict(state)
+
+
+def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer,
+                   cache_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Tokenize once per machine: the arrays are cached as .npy files keyed by corpus and tokenizer hash."""
+    corpus_key = corpus_hash(documents())[:16]
+    key = f"{corpus_key}-{tokenizer.hash[:16]}-{_CACHE_VERSION}"
+    tokens_path = Path(cache_dir) / f"corpus-{key}.tokens.npy"
+    offsets_path = Path(cache_dir) / f"corpus-{key}.offsets.npy"
+    if not (tokens_path.exists() and offsets_path.exists()):
+        tokens, offsets = _tokenize_documents(documents(), tokenizer)
+        # Ranks that miss together write identical files, so whichever rename lands last is as good.
+        _write_atomic(tokens_path, lambda handle: np.save(handle, tokens))
+        _write_atomic(offsets_path, lambda handle: np.save(handle, offsets))
+    return np.load(tokens_path, mmap_mode="r"), np.load(offsets_path), corpus_key
+
+
+def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local_batch_size: int, rank: int,
+                     world_size: int, seed: int, cache_dir: Path) -> PackedLoader:
+    """data.dataset: "stdlib", a local file or folder (tokenized once, cached under cache_dir), or "hf:NAME" with
+    NAME anything `datasets.load_dataset` streams (a hub id, or a local dataset folder), tokenized on the fly."""
+    documents = _local_source(data)
+    if documents is not None:
+        tokens, offsets, corpus_key = _corpus_tokens(documents, tokenizer, cache_dir)
+        stream = CorpusTokens(tokens, offsets, seed)
+        dataset = f"{data.dataset} ({corpus_key})"
+    else:
+        name = data.dataset.removeprefix("hf:")
+        stream = StreamedTokens(_hub_dataset(name, data), tokenizer, data.text_field, seed, name)
+        dataset = f"{data.dataset} {data.dataset_config} {data.split}"
+    # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
+    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:16], "training.seed": seed}
+    return PackedLoader(stream, identity, seq_len, local_batch_size, rank, world_size)
+
+
+def _hub_dataset(name: str, data: DataConfig):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, data.dataset_config or None, split=data.split, streaming=True)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as error:
+        if isinstance(error, ConnectionError) or "offline" in str(error).lower():
+            raise ConfigError(f"data.dataset: cannot reach the HF hub for {name!r}; connect, or give a local "
+                              ".jsonl/.parquet/.txt file or folder, or \"stdlib\"") from None
+        raise ConfigError(f"data.dataset: {name!r} not found on the HF hub ({error}); check the name") from None
+    except ValueError as error:  # "Bad split: ..." or "BuilderConfig 'x' not found. Available: [...]"
+        field = "data.split" if "split" in str(error).lower() else "data.dataset_config"
+        raise ConfigError(f"{field}: {name!r}: {error}; pick one it lists") from None

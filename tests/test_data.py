@@ -1,0 +1,254 @@
+"""recipes.data: sources, tokenizers, packing, world-size independence and exact resume (CPU, a few seconds)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recipes.config import ConfigError, DataConfig
+from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, check_vocab,
+                          stdlib_documents, train_default_tokenizer)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(cache_dir):
+    return build_tokenizer(DataConfig(), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def documents():
+    """40 real documents of very different lengths (cut from the standard library), so rows straddle them."""
+    return [text[:40 + 19 * i] for i, text in enumerate(itertools.islice(stdlib_documents(), 40))]
+
+
+@pytest.fixture(scope="session")
+def jsonl(tmp_path_factory, documents):
+    path = tmp_path_factory.mktemp("jsonl") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": text, "id": i}) + "\n" for i, text in enumerate(documents)))
+    return path
+
+
+def loader(path, tokenizer, cache_dir, *, seq_len=32, local=4, rank=0, world=1, seed=0, **data) -> PackedLoader:
+    return build_dataloader(DataConfig(dataset=str(path), **data), tokenizer, seq_len, local, rank, world, seed,
+                            cache_dir)
+
+
+def batches(source, n) -> list[torch.Tensor]:
+    return [next(source) for _ in range(n)]
+
+
+def test_default_tokenizer_is_deterministic_and_cached(cache_dir, tokenizer, tmp_path):
+    assert tokenizer.vocab_size == 2048 and tokenizer.eos_id == tokenizer.backend.token_to_id(DEFAULT_EOS)
+    ids = tokenizer.encode("def f(x):\n    return x + 1\n")
+    assert tokenizer.decode(ids) == "def f(x):\n    return x + 1\n" and tokenizer.eos_id not in ids
+    assert tokenizer.encode_batch(["import os", "x = 1"]) == [tokenizer.encode("import os"), tokenizer.encode("x = 1")]
+
+    # Training is deterministic (shown on part of the default corpus, to keep the suite fast on 2 cores).
+    part = [text[:5000] for text in itertools.islice(stdlib_documents(), 60)]
+    first, second = (json.loads(train_default_tokenizer(part, 512).to_str()) for _ in range(2))
+    assert len(first["model"]["vocab"]) == 512
+    assert first["model"]["vocab"] == second["model"]["vocab"] and first["model"]["merges"] == second["model"]["merges"]
+
+    # A second build reads the cached file instead of training: swap in a different tokenizer under the same name.
+    [cache_file] = cache_dir.glob("tokenizer-bpe2048-*.json")
+    other_dir = tmp_path / "cache"
+    other_dir.mkdir()
+    small = train_default_tokenizer(["a tiny corpus, a tiny corpus"], 300)
+    (other_dir / cache_file.name).write_text(small.to_str())
+    start = time.perf_counter()
+    assert build_tokenizer(DataConfig(), other_dir).vocab_size == small.get_vocab_size() < 2048
+    assert time.perf_counter() - start < 2.0
+
+
+def test_stdlib_default_corpus_packs_and_caches(cache_dir, tokenizer):
+    start = time.perf_counter()
+    stream = build_dataloader(DataConfig(), tokenizer, 128, 2, 0, 1, 0, cache_dir)
+    first_build = time.perf_counter() - start
+    assert stream.num_documents > 300 and stream.num_tokens > 1_000_000
+    batch = next(stream)
+    assert batch.dtype == torch.int64 and batch.shape == (2, 129)
+    assert 0 <= int(batch.min()) and int(batch.max()) < tokenizer.vocab_size
+
+    start = time.perf_counter()
+    again = build_dataloader(DataConfig(), tokenizer, 128, 2, 0, 1, 0, cache_dir)
+    cached_build = time.perf_counter() - start
+    assert torch.equal(next(again), batch)
+    assert cached_build < max(2.0, first_build / 2), (first_build, cached_build)
+    print(f"stdlib: {stream.num_documents} documents, {stream.num_tokens} tokens; "
+          f"first build {first_build:.1f} s, cached {cached_build:.2f} s")
+
+
+def test_same_seed_same_rows_other_seed_other_rows(jsonl, tokenizer, cache_dir):
+    a = batches(loader(jsonl, tokenizer, cache_dir, seed=1), 5)
+    b = batches(loader(jsonl, tokenizer, cache_dir, seed=1), 5)
+    c = batches(loader(jsonl, tokenizer, cache_dir, seed=2), 5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_world_sizes_see_the_same_global_batches(jsonl, tokenizer, cache_dir):
+    steps = 100  # a few epochs of the small corpus, so rows straddle epoch boundaries too
+    one = loader(jsonl, tokenizer, cache_dir, local=4)
+    assert steps * 4 * 33 > 2 * one.num_tokens
+    ranks = [loader(jsonl, tokenizer, cache_dir, local=2, rank=r, world=2) for r in range(2)]
+    for _ in range(steps):
+        assert torch.equal(next(one), torch.cat([next(r) for r in ranks]))
+
+
+def test_every_document_once_per_epoch_each_followed_by_eos(jsonl, documents, tokenizer, cache_dir):
+    stream = loader(jsonl, tokenizer, cache_dir, seq_len=15, local=1)
+    epoch = torch.cat([next(stream)[0] for _ in range(stream.num_tokens // 16 + 1)])[:stream.num_tokens].tolist()
+    assert epoch[-1] == tokenizer.eos_id
+    pieces, current = [], []
+    for token in epoch:
+        if token == tokenizer.eos_id:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    expected = tokenizer.encode_batch(documents)
+    assert sorted(pieces) == sorted(expected) and pieces != expected  # all documents once, shuffled
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_continues_the_exact_stream(jsonl, tokenizer, cache_dir, world):
+    ranks = [loader(jsonl, tokenizer, cache_dir, local=4 // world, rank=r, world=world) for r in range(world)]
+    for source in ranks:
+        batches(source, 7)
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert all(source.state_dict() == state for source in ranks)  # one global position, the same on every rank
+    expected = [torch.cat(step) for step in zip(*(batches(source, 30) for source in ranks))]
+
+    # resume on one rank with twice the local batch: same global batches
+    resumed = loader(jsonl, tokenizer, cache_dir, local=4)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed), batch) for batch in expected)
+
+
+def test_resume_refuses_another_seed(jsonl, tokenizer, cache_dir):
+    state = loader(jsonl, tokenizer, cache_dir, seed=0).state_dict()
+    with pytest.raises(ConfigError, match="^training.seed: "):
+        loader(jsonl, tokenizer, cache_dir, seed=1).load_state_dict(state)
+
+
+def test_local_formats_give_the_same_stream(documents, jsonl, tokenizer, cache_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = tmp_path / "array.json"
+    records.write_text(json.dumps([{"body": text} for text in documents]))
+    jsonl_body = tmp_path / "body.jsonl"
+    jsonl_body.write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
+    parquet = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"body": documents}), parquet, row_group_size=16)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, text in enumerate(documents):
+        (texts / f"doc{i:03d}.txt").write_text(text)
+    (texts / "notes.md").write_text("not a corpus file")
+
+    reference = batches(loader(jsonl, tokenizer, cache_dir), 8)
+    for path, field in [(records, "body"), (jsonl_body, "body"), (parquet, "body"), (texts, "text")]:
+        stream = loader(path, tokenizer, cache_dir, text_field=field)
+        assert stream.num_documents == len(documents), path
+        assert all(torch.equal(x, y) for x, y in zip(batches(stream, 8), reference)), path
+
+
+def test_streamed_dataset_is_deterministic_world_size_free_and_resumable(jsonl, tokenizer, cache_dir):
+    """hf:NAME through the real `datasets` streaming path; NAME is a local dataset folder, so it runs offline."""
+    def stream(local=4, rank=0, world=1, seed=0):
+        return loader(f"hf:{jsonl.parent}", tokenizer, cache_dir, seq_len=30, local=local, rank=rank, world=world,
+                      seed=seed)
+
+    one, ranks = stream(), [stream(2, r, 2) for r in range(2)]
+    assert one.num_documents is None
+    steps = loader(jsonl, tokenizer, cache_dir).num_tokens // (4 * 31) + 2  # into the second epoch
+    first = batches(one, steps)
+    assert all(torch.equal(batch, torch.cat([next(r) for r in ranks])) for batch in first)
+    assert not all(torch.equal(x, y) for x, y in zip(first, batches(stream(seed=5), steps)))
+
+    state = json.loads(json.dumps(one.state_dict()))
+    assert state["epoch"] == 1
+    expected = batches(one, 6)
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(batches(resumed, 6), expected))
+    with pytest.raises(ConfigError, match="^data.split: "):
+        loader(f"hf:{jsonl.parent}", tokenizer, cache_dir, split="validation")
+
+
+def test_tokenizer_json_file_and_folder(tokenizer, tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(tokenizer.backend.to_str())
+    assert build_tokenizer(DataConfig(tokenizer=str(folder)), tmp_path).eos_id == tokenizer.eos_id  # <|endoftext|>
+
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "def"}}))
+    from_config = build_tokenizer(DataConfig(tokenizer=str(folder / "tokenizer.json")), tmp_path)
+    assert from_config.eos_id == tokenizer.backend.token_to_id("def") != tokenizer.eos_id
+    assert from_config.hash != tokenizer.hash  # so its token cache is another file
+    override = build_tokenizer(DataConfig(tokenizer=str(folder), eos_token=DEFAULT_EOS), tmp_path)
+    assert override.eos_id == tokenizer.eos_id
+
+    bare = tmp_path / "bare.json"
+    bare_backend = train_default_tokenizer(["no special tokens here"], 280)
+    bare.write_text(bare_backend.to_str().replace(DEFAULT_EOS, "<eos>"))
+    with pytest.raises(ConfigError, match="^data.eos_token: "):
+        build_tokenizer(DataConfig(tokenizer=str(bare)), tmp_path)
+    with_eos = build_tokenizer(DataConfig(tokenizer=str(bare), eos_token="<eos>"), tmp_path)
+    assert (with_eos.eos_id, with_eos.vocab_size) == (0, bare_backend.get_vocab_size())
+
+
+def test_user_errors_name_the_field(jsonl, tokenizer, cache_dir, tmp_path):
+    cases = [
+        (lambda: loader(tmp_path / "missing.jsonl", tokenizer, cache_dir), "data.dataset: "),
+        (lambda: loader(jsonl, tokenizer, cache_dir, text_field="content"), "data.text_field: "),
+        (lambda: build_tokenizer(DataConfig(eos_token="<|nope|>"), cache_dir), "data.eos_token: "),
+        (lambda: build_tokenizer(DataConfig(tokenizer="./no/such/tokenizer"), cache_dir), "data.tokenizer: "),
+        (lambda: build_tokenizer(DataConfig(vocab_size=100), cache_dir), "data.vocab_size: "),
+        (lambda: check_vocab(tokenizer, 1024), "data.tokenizer: vocabulary 2048 exceeds model vocab 1024"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n")
+    cases.append((lambda: loader(empty, tokenizer, cache_dir), "data.dataset: the corpus has no"))
+    for build, message in cases:
+        with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+            build()
+    check_vocab(tokenizer, 2048)
+
+
+def test_hub_unreachable_is_a_config_error(tmp_path):
+    """Hub names go through the real hub clients; HF_HUB_OFFLINE makes them fail at once instead of after retries."""
+    script = (
+        "from recipes.config import ConfigError, DataConfig\n"
+        "from recipes.data import build_dataloader, build_tokenizer\n"
+        "for build in (lambda: build_tokenizer(DataConfig(tokenizer='Qwen/Qwen3-0.6B'), '.'),\n"
+        "              lambda: build_dataloader(DataConfig(dataset='hf:roneneldan/TinyStories'), None, 8, 1, 0, 1, 0, '.')):\n"
+        "    try:\n"
+        "        build()\n"
+        "    except ConfigError as error:\n"
+        "        print(error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert lines[0].startswith("data.tokenizer: cannot load 'Qwen/Qwen3-0.6B' (not a file/folder, and the hub is "
+                               "unreachable")
+    assert lines[1].startswith("data.dataset: cannot reach the HF hub for 'roneneldan/TinyStories'; ")
