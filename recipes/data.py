@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import sysconfig
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,12 @@ _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packag
 _CACHE_VERSION = "v1"  # bump when the cached tokenizer or token-file format changes
 _ENCODE_CHUNK = 256  # documents per encode_batch call: large enough for the Rust thread pool, small in memory
 _HUB_SHUFFLE_BUFFER = 10_000
+HELDOUT_EVERY = 20  # about 1 document in 20 is held out of training, chosen by a hash of its text
+
+
+def is_heldout(text: str) -> bool:
+    """The train/held-out split: by content, so it is the same for every source, order, seed and world size."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % HELDOUT_EVERY == 0
 
 
 # ----------------------------------------------------------------------------------------------- documents
@@ -344,9 +351,9 @@ class StreamedTokens:
     tokens were; resuming re-reads that epoch up to the document without tokenizing the skipped ones.
     """
 
-    def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seed: int, name: str):
+    def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seed: int, name: str, heldout: bool):
         self.dataset = dataset.shuffle(seed=seed, buffer_size=_HUB_SHUFFLE_BUFFER)
-        self.tokenizer, self.text_field, self.name = tokenizer, text_field, name
+        self.tokenizer, self.text_field, self.name, self.heldout = tokenizer, text_field, name, heldout
         self.num_documents = self.num_tokens = None  # unknown for a stream
         self._seek(epoch=0, document=0, offset=0)
 
@@ -360,7 +367,7 @@ class StreamedTokens:
                 if self.text_field not in record:
                     raise _missing_field(Path(self.name), self.text_field, record)
                 text = record[self.text_field]
-                if text and text.strip():
+                if text and text.strip() and is_heldout(text) == self.heldout:
                     yield epoch, index, text
             if index < 0:
                 raise ConfigError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
@@ -461,17 +468,21 @@ def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer,
 
 
 def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local_batch_size: int, rank: int,
-                     world_size: int, seed: int, cache_dir: Path) -> PackedLoader:
+                     world_size: int, seed: int, cache_dir: Path, heldout: bool = False) -> PackedLoader:
     """data.dataset: "stdlib", a local file or folder (tokenized once, cached under cache_dir), or "hf:NAME" with
-    NAME anything `datasets.load_dataset` streams (a hub id, or a local dataset folder), tokenized on the fly."""
-    documents = _local_source(data)
-    if documents is not None:
+    NAME anything `datasets.load_dataset` streams (a hub id, or a local dataset folder), tokenized on the fly.
+    Training reads the documents `is_heldout` rejects; heldout=True reads only the others (for evaluation)."""
+    source = _local_source(data)
+    if source is not None:
+        def documents() -> Iterator[str]:
+            return (text for text in source() if is_heldout(text) == heldout)
+
         tokens, offsets, corpus_key = _corpus_tokens(documents, tokenizer, cache_dir)
         stream = CorpusTokens(tokens, offsets, seed)
         dataset = f"{data.dataset} ({corpus_key})"
     else:
         name = data.dataset.removeprefix("hf:")
-        stream = StreamedTokens(_hub_dataset(name, data), tokenizer, data.text_field, seed, name)
+        stream = StreamedTokens(_hub_dataset(name, data), tokenizer, data.text_field, seed, name, heldout)
         dataset = f"{data.dataset} {data.dataset_config} {data.split}"
     # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
     identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:16], "training.seed": seed}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recipes.config import ConfigError, DataConfig
-from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, check_vocab,
+from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, check_vocab, is_heldout,
                           stdlib_documents, train_default_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,19 +109,32 @@ def test_world_sizes_see_the_same_global_batches(jsonl, tokenizer, cache_dir):
         assert torch.equal(next(one), torch.cat([next(r) for r in ranks]))
 
 
-def test_every_document_once_per_epoch_each_followed_by_eos(jsonl, documents, tokenizer, cache_dir):
-    stream = loader(jsonl, tokenizer, cache_dir, seq_len=15, local=1)
+def one_epoch_of_documents(stream, eos_id) -> list[list[int]]:
+    """The stream's first epoch, cut at each EOS (which must end it)."""
     epoch = torch.cat([next(stream)[0] for _ in range(stream.num_tokens // 16 + 1)])[:stream.num_tokens].tolist()
-    assert epoch[-1] == tokenizer.eos_id
+    assert epoch[-1] == eos_id
     pieces, current = [], []
     for token in epoch:
-        if token == tokenizer.eos_id:
+        if token == eos_id:
             pieces.append(current)
             current = []
         else:
             current.append(token)
-    expected = tokenizer.encode_batch(documents)
-    assert sorted(pieces) == sorted(expected) and pieces != expected  # all documents once, shuffled
+    return pieces
+
+
+def test_every_document_once_per_epoch_each_followed_by_eos(jsonl, documents, tokenizer, cache_dir):
+    pieces = one_epoch_of_documents(loader(jsonl, tokenizer, cache_dir, seq_len=15, local=1), tokenizer.eos_id)
+    training = [text for text in documents if not is_heldout(text)]
+    assert 0 < len(training) < len(documents)  # the fixture corpus has held-out documents too
+    expected = tokenizer.encode_batch(training)
+    assert sorted(pieces) == sorted(expected) and pieces != expected  # all training documents once, shuffled
+
+
+def test_heldout_stream_reads_only_the_heldout_documents(jsonl, documents, tokenizer, cache_dir):
+    heldout = build_dataloader(DataConfig(dataset=str(jsonl)), tokenizer, 15, 1, 0, 1, 0, cache_dir, heldout=True)
+    expected = tokenizer.encode_batch([text for text in documents if is_heldout(text)])
+    assert sorted(one_epoch_of_documents(heldout, tokenizer.eos_id)) == sorted(expected)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -164,7 +177,7 @@ def test_local_formats_give_the_same_stream(documents, jsonl, tokenizer, cache_d
     reference = batches(loader(jsonl, tokenizer, cache_dir), 8)
     for path, field in [(records, "body"), (jsonl_body, "body"), (parquet, "body"), (texts, "text")]:
         stream = loader(path, tokenizer, cache_dir, text_field=field)
-        assert stream.num_documents == len(documents), path
+        assert stream.num_documents == sum(not is_heldout(text) for text in documents), path
         assert all(torch.equal(x, y) for x, y in zip(batches(stream, 8), reference)), path
 
 
