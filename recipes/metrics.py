@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import uuid
 from pathlib import Path
 
 import torch
@@ -93,7 +94,13 @@ def start_wandb(config, output_dir: Path):
         import wandb
 
         m = config.metrics
+        # One W&B run per training run: a resumed run continues the id the folder recorded.
+        id_path = output_dir / "wandb_run_id"
+        run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:8]
+        id_path.write_text(run_id)
         return wandb.init(
+            id=run_id,
+            resume="allow",
             project=os.environ.get("WANDB_PROJECT") or m.wandb_project,
             entity=m.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
             group=m.wandb_group or os.environ.get("WANDB_RUN_GROUP") or None,
