@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -111,9 +113,13 @@ class Config:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
-def _closest(name: str, choices) -> str:
+def _suggestion(name: str, choices) -> str:
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(choices)}"
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _closest(name: str, choices) -> str:
+    return _suggestion(name, choices) or f"; valid: {', '.join(choices)}"
 
 
 def _section_types(section: str) -> dict[str, type]:
@@ -200,7 +206,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _choice(where: str, value: str, choices) -> None:
-    _require(value in choices, f"{where}: {value!r} is not one of {', '.join(choices)}{_closest(value, choices)}")
+    _require(value in choices, f"{where}: {value!r} is not one of {', '.join(choices)}{_suggestion(value, choices)}")
 
 
 def validate(config: Config) -> None:
@@ -228,6 +234,10 @@ def validate(config: Config) -> None:
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
     _require(0 <= o.warmup_steps, f"optimizer.warmup_steps: must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    for where, value in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
+        _require(0 <= value < 1, f"{where}: must be in [0, 1), got {value}")  # else AdamW raises mid-startup
+    _require(o.eps >= 0, f"optimizer.eps: must be >= 0, got {o.eps}")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     _require(t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, got {t.max_grad_norm}")
     _require(c.interval >= 0, f"checkpoint.interval: must be >= 0 (0 = only at the end), got {c.interval}")
     _require(bool(config.job.output_dir), "job.output_dir: must not be empty; name a folder for the run")
@@ -237,15 +247,26 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def to_toml(config: Config) -> str:
-    """The resolved config as TOML (what the run saves as <output_dir>/config.toml)."""
-    import json
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's Infinity/NaN are not TOML
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        # JSON escapes are TOML's, except the surrogate pairs ensure_ascii makes of characters beyond U+FFFF;
+        # TOML also wants DEL escaped, which JSON leaves raw.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return json.dumps(value)
 
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (what the run saves as <output_dir>/config.toml); load_config reads it back
+    to the same Config."""
     lines = []
     for section, values in to_dict(config).items():
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
-            lines.append(f"{key} = {text}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)

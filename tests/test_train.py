@@ -1,0 +1,192 @@
+"""train.py end to end on CPU: real `python train.py` and `torchrun` (gloo) processes on the default tokenizer and
+corpus, real DCP checkpoints, a real offline W&B run. On CPU, flex and varlen run their reference attention (the
+same mask, math kernel), so the backends must agree to fp32 noise here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recipes.config import ConfigError, load_config, to_toml
+from recipes.data import build_dataloader, build_tokenizer
+from recipes.outputs import check_output_dir
+from recipes.runs import read_metrics, read_wandb_offline
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DEBUG_CONFIG = REPO / "configs" / "qwen3_debug.toml"
+STEPS = 20
+# The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
+RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
+       "--training.local_batch_size", "4", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
+       "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5"]
+BACKENDS = ("sdpa", "flex", "varlen")
+PREEMPTED_EXIT_CODE = 75
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("recipes-cache")
+    # Build the default tokenizer and tokenize the corpus once, so the concurrent runs below only read the cache.
+    data = load_config(str(DEBUG_CONFIG)).data
+    build_dataloader(data, build_tokenizer(data, cache), 64, 4, 0, 1, 0, cache)
+    wandb_home = tmp_path_factory.mktemp("wandb-home")
+    return {**{key: value for key, value in os.environ.items() if not key.startswith("WANDB_")},
+            "RECIPES_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "WANDB_CONFIG_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home), "WANDB_DATA_DIR": str(wandb_home),
+            # One thread per process: several runs share the cores, and a resumed run must reduce in the same
+            # order as the uninterrupted one to match it bit for bit.
+            "OMP_NUM_THREADS": "1"}
+
+
+def launch(env: dict, log: Path, args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Starts train.py with its console output in `log` (a file, not a pipe, so concurrent runs never block)."""
+    command = ([sys.executable, "train.py"] if nproc == 1 else
+               [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "train.py"])
+    with open(log, "w") as output:
+        return subprocess.Popen([*command, *args], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def finish(process: subprocess.Popen, log: Path, code: int = 0) -> str:
+    process.wait(timeout=600)
+    text = log.read_text()
+    assert process.returncode == code, f"{' '.join(process.args)} exited {process.returncode}:\n{text[-4000:]}"
+    return text
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir)]
+
+
+def signal_after(process: subprocess.Popen, metrics: Path, steps: int) -> None:
+    """SIGUSR1 once `steps` steps are in metrics.jsonl (the handler is installed by then)."""
+    while process.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= steps):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+
+
+@pytest.fixture(scope="module")
+def runs(env, tmp_path_factory) -> dict[str, Path]:
+    """All at once: the three backends with one process; sdpa on 2 processes with half the local batch (the same
+    global batches); and a first attempt of sdpa that gets SIGUSR1 after 2 steps. sdpa also writes an offline
+    W&B run."""
+    root = tmp_path_factory.mktemp("runs")
+    extra = {backend: ["--model.attention", backend] for backend in BACKENDS}
+    extra["sdpa"] += ["--metrics.wandb", "true"]
+    extra["sdpa_2proc"] = ["--training.local_batch_size", "2"]
+    extra["preempted"] = []
+    started = {name: launch(env, root / f"{name}.log", [*RUN, *args, "--job.output_dir", str(root / name)],
+                            nproc=2 if name == "sdpa_2proc" else 1)
+               for name, args in extra.items()}
+    signal_after(started["preempted"], root / "preempted" / "metrics.jsonl", steps=2)
+    for name, process in started.items():
+        finish(process, root / f"{name}.log", PREEMPTED_EXIT_CODE if name == "preempted" else 0)
+    return {name: root / name for name in started}
+
+
+def test_each_backend_trains(runs):
+    for backend in BACKENDS:
+        rows = read_metrics(runs[backend])
+        assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+        loss = [row["loss"] for row in rows]
+        assert sum(loss[-5:]) / 5 < loss[0] - 0.5, f"{backend}: loss did not fall: {loss}"
+        assert load_config(str(runs[backend] / "config.toml")).model.attention == backend
+
+
+def test_backends_agree_step_by_step(runs):
+    reference = losses(runs["sdpa"])
+    for backend in ("flex", "varlen"):
+        gaps = [abs(a - b) for a, b in zip(reference, losses(runs[backend]), strict=True)]
+        assert max(gaps) <= 1e-4, f"{backend} vs sdpa: {gaps}"
+
+
+def test_one_and_two_processes_agree(runs):
+    """Same global batches, so only the order of fp32 reductions differs (gloo sums, FSDP's sharded optimizer)."""
+    gaps = [abs(a - b) for a, b in zip(losses(runs["sdpa"]), losses(runs["sdpa_2proc"]), strict=True)]
+    assert max(gaps) <= 1e-4, gaps
+    assert (runs["sdpa_2proc"] / "checkpoints" / f"step-{STEPS:08d}" / "train_state.json").is_file()
+
+
+def test_wandb_offline_run_holds_what_metrics_jsonl_holds(runs):
+    (log_file,) = (runs["sdpa"] / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = {row["step"]: row for row in read_metrics(runs["sdpa"])}
+    read_back = read_wandb_offline(log_file)
+    assert [row["step"] for row in read_back] == list(logged)
+    for row in read_back:
+        assert {"loss", "lr", "grad_norm"} <= row.keys()
+        assert all(value == logged[row["step"]][key] for key, value in row.items()), row
+    assert not list((runs["flex"]).glob("wandb"))  # metrics.wandb=false writes no W&B run
+
+
+def test_resume_from_a_checkpoint_continues_the_same_losses(runs, env, tmp_path):
+    """A folder made of run A's saved config.toml (its output_dir edited) and A's step-15 checkpoint only."""
+    a = runs["sdpa"]
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (5, 10, 15, 20)]
+    b = tmp_path / "b"
+    shutil.copytree(a / "checkpoints" / "step-00000015", b / "checkpoints" / "step-00000015")
+    config = load_config(str(a / "config.toml"), ["--job.output_dir", str(b), "--metrics.wandb", "false"])
+    (b / "config.toml").write_text(to_toml(config))
+    finish(launch(env, tmp_path / "b.log", ["--config", str(b / "config.toml")]), tmp_path / "b.log")
+    expected = [{key: row[key] for key in ("step", "loss", "lr", "grad_norm")} for row in read_metrics(a)[15:]]
+    assert [{key: row[key] for key in expected[0]} for row in read_metrics(b)] == expected
+
+
+def test_preempted_run_checkpoints_exits_75_and_continues_exactly(runs, env):
+    """The first attempt (in `runs`) exited 75 on SIGUSR1; the same command again finishes the run."""
+    out = runs["preempted"]
+    stopped_at = read_metrics(out)[-1]["step"]
+    assert 2 <= stopped_at < STEPS
+    assert f"preempted (SIGUSR1) at step {stopped_at}: checkpoint saved" in (out.parent / "preempted.log").read_text()
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "train_state.json").is_file()
+
+    log = out.parent / "preempted-again.log"
+    text = finish(launch(env, log, [*RUN, "--job.output_dir", str(out)]), log)
+    assert f"(step {stopped_at})" in text  # it resumed rather than started over
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # every step exactly once
+    assert losses(out) == losses(runs["sdpa"])
+
+
+def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
+    wrong_type = tmp_path / "wrong_type.toml"
+    wrong_type.write_text(DEBUG_CONFIG.read_text().replace("seq_len = 256", 'seq_len = "256"'))
+    cases = {
+        "unknown_key": ([*RUN, "--training.stesp", "5"], "unknown key training.stesp; did you mean 'steps'?"),
+        "wrong_type": (["--config", str(wrong_type)], "training.seq_len: expected int, got str '256'"),
+        "bad_backend": ([*RUN, "--model.attention", "flash"], "model.attention: 'flash' is not one of sdpa, flex, varlen"),
+    }
+    started = {name: subprocess.Popen([sys.executable, "train.py", *args, "--job.output_dir", str(tmp_path / name)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, (args, _) in cases.items()}  # all at once: each is mostly the cost of importing torch
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, f"{name}: exit {process.returncode}\n{stderr[-3000:]}"
+        assert stderr == f"error: {cases[name][1]}\n", f"{name}: {stderr[-3000:]}"  # one line, no traceback
+        assert stdout == ""
+        assert not (tmp_path / name).exists()
+
+
+def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
+    """recipes.outputs.check_output_dir on the folders written above (train.py calls it before writing anything)."""
+    sdpa = load_config(str(runs["sdpa"] / "config.toml"))
+    assert check_output_dir(runs["sdpa"], sdpa) is True
+    with pytest.raises(ConfigError) as error:
+        check_output_dir(runs["flex"], sdpa)
+    assert str(error.value) == (f"job.output_dir: {runs['flex']} holds a different run (model.attention: 'flex' "
+                                "there, 'sdpa' now); choose a new job.output_dir")
+    with pytest.raises(ConfigError, match="already holds this run; set --checkpoint.resume true to continue it"):
+        check_output_dir(runs["sdpa"], load_config(str(runs["sdpa"] / "config.toml"), ["--checkpoint.resume", "false"]))
+    (tmp_path / "notes.txt").write_text("someone else's file")
+    with pytest.raises(ConfigError, match="is not empty and holds no run of this recipe"):
+        check_output_dir(tmp_path, sdpa)
+    assert check_output_dir(tmp_path / "new", sdpa) is False
