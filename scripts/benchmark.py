@@ -55,7 +55,8 @@ def summarize(rows: list[dict], skip: int) -> dict:
 def run_ours(spec: dict, args, work: Path) -> dict:
     out = work / f"ours-{spec['case']}"
     command = [
-        "torchrun", "--standalone", f"--nproc_per_node={args.nproc}", str(REPO / "train.py"),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        str(REPO / "train.py"),
         "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
         "--model.flavor", args.flavor, "--model.mask", spec["mask"],
         "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
@@ -70,7 +71,8 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=args.case_timeout).returncode
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
-        return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "wall_s": time.time() - started}
+        return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
+                "wall_s": time.time() - started}
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started}
 
@@ -90,7 +92,8 @@ def torchtitan_setup(args, work: Path) -> Path:
 def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     tt = REPO / "benchmarks" / "torchtitan"
     command = [
-        "torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "torchtitan.train",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
+        "torchtitan.train",
         "--job.config_file", str(tt / "base.toml"), "--job.dump_folder", str(work / f"tt-{spec['case']}"),
         "--model.hf_assets_path", args.tokenizer, "--experimental.custom_import", "ttflavors",
         "--model.flavor", f"{args.flavor}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
@@ -108,7 +111,8 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
              "mfu_torchtitan": float(m[4]) / 100, "mfu": None}
             for m in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%", text)]
     if rc != 0 or not rows:
-        return {**spec, "impl": "torchtitan-0.2.2", "error": f"rc={rc}, see {log.name}", "wall_s": time.time() - started}
+        return {**spec, "impl": "torchtitan-0.2.2", "error": f"rc={rc}, see {log.name}", "log_tail": text[-3000:],
+                "wall_s": time.time() - started}
     return {**spec, "impl": "torchtitan-0.2.2", **summarize(rows, args.skip), "wall_s": time.time() - started}
 
 
@@ -170,28 +174,23 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    results = []
-    for case in args.cases:
-        results.append(run_ours(parse_case(case), args, work))
-        print(markdown(results[-1:]).splitlines()[-1], flush=True)
-    baseline = [c for c in args.torchtitan if c != "none"]
-    if baseline:
-        corpus = torchtitan_setup(args, work)
-        for case in baseline:
-            results.append(run_torchtitan(parse_case(case), args, work, corpus))
-            print(markdown(results[-1:]).splitlines()[-1], flush=True)
-    report = {"results": results}
+    report = {"results": []}
     if args.gqa_memory:
         report["gqa_memory"] = gqa_memory()
-    table = markdown(results)
-    print(table)
-    if "gqa_memory" in report:
-        print(json.dumps(report["gqa_memory"]))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(report, indent=1))
-        (out / "benchmark.md").write_text(table + "\n")
+        print(json.dumps(report["gqa_memory"]), flush=True)
+    plan = [("torchtitan", c) for c in args.torchtitan if c != "none"] + [("ours", case) for case in args.cases]
+    corpus = torchtitan_setup(args, work) if any(impl == "torchtitan" for impl, _ in plan) else None
+    for impl, case in plan:
+        spec = parse_case(case)
+        result = run_ours(spec, args, work) if impl == "ours" else run_torchtitan(spec, args, work, corpus)
+        report["results"].append(result)
+        print(markdown([result]).splitlines()[-1], flush=True)
+        if args.out:  # after every case, so a run cut short still leaves what it measured
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "benchmark.json").write_text(json.dumps(report, indent=1))
+            (out / "benchmark.md").write_text(markdown(report["results"]) + "\n")
+    print(markdown(report["results"]))
     return 0
 
 
