@@ -26,8 +26,8 @@ class ReferenceAttention:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-        return _allowed(tokens.cpu(), eos_id, self.mask).to(tokens.device)
+    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> torch.Tensor:
+        return _allowed(tokens.cpu(), eos_id, self.mask).to(device or tokens.device)
 
     def __call__(self, q, k, v, allowed, scale):
         """q (batch, seq, q_heads, head_dim), k/v (batch, seq, kv_heads, head_dim) -> like q, in float64."""
@@ -41,7 +41,7 @@ class ReferenceAttention:
 
 @pytest.fixture
 def reference_attention():
-    """ReferenceAttention(mask): build_meta(tokens, eos_id) -> dense mask; __call__(q, k, v, meta, scale)."""
+    """ReferenceAttention(mask): build_meta(tokens, eos_id, device) -> dense mask; __call__(q, k, v, meta, scale)."""
     return ReferenceAttention
 
 

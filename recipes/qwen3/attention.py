@@ -10,7 +10,8 @@ reshapes the output the same way for every backend and never branches on which o
 broke exactly this: varlen's packed (tokens, heads, head_dim) result went through the transpose meant for
 sdpa's (batch, heads, seq, head_dim), and a later .view() hid the swap.
 
-`meta` is built once per batch by `backend.build_meta(tokens, eos_id)` and passed to every layer.
+`meta` is built once per batch by `backend.build_meta(tokens, eos_id, device)` and passed to every layer; each
+backend decides where to compute it (varlen on the host copy of the tokens, so its lengths need no device sync).
 Document boundaries follow one rule for all backends (`document_ids`): a document ends with its EOS token
 and the next token starts a new one.
 
@@ -66,9 +67,10 @@ class SDPABackend:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int) -> torch.Tensor | None:
+    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> torch.Tensor | None:
         if self.mask == "causal":
             return None
+        tokens = tokens.to(device or tokens.device)
         doc = document_ids(tokens, eos_id)
         seq = tokens.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
@@ -97,7 +99,8 @@ class FlexBackend:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int) -> BlockMask:
+    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> BlockMask:
+        tokens = tokens.to(device or tokens.device)
         batch, seq = tokens.shape
 
         def causal(b, h, q_idx, kv_idx):
@@ -149,9 +152,10 @@ class VarlenBackend:
             raise RuntimeError(f"attention 'varlen' needs torch >= 2.10 (found {torch.__version__})")
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int) -> VarlenMeta:
+    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> VarlenMeta:
+        """Computed where `tokens` live: given the loader's host copy, max_seqlen needs no device-to-host sync."""
         batch, seq = tokens.shape
-        device = tokens.device
+        device = device or tokens.device
         if self.mask == "causal":
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
             return VarlenMeta(cu, seq)
@@ -159,9 +163,10 @@ class VarlenBackend:
         starts[:, 0] = True
         starts[:, 1:] = tokens[:, :-1] == eos_id
         begin = starts.flatten().nonzero().flatten()
-        end = torch.tensor([batch * seq], dtype=begin.dtype, device=device)
+        end = torch.tensor([batch * seq], dtype=begin.dtype, device=tokens.device)
         cu = torch.cat([begin, end]).to(torch.int32)
-        return VarlenMeta(cu, int((cu[1:] - cu[:-1]).max()))  # the one host sync of the step
+        max_seqlen = int((cu[1:] - cu[:-1]).max())  # a host sync only when tokens are on the device
+        return VarlenMeta(cu.to(device, non_blocking=True), max_seqlen)
 
     def __call__(self, q, k, v, meta: VarlenMeta, scale):
         batch, seq, q_heads, head_dim = q.shape

@@ -27,7 +27,7 @@ class Qwen3Config:
     hidden_dim: int = 3072
     norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    max_seq_len: int = 4096
+    max_seq_len: int = 40960  # Qwen3's max_position_embeddings
     tie_embeddings: bool = True
     attention: str = "sdpa"  # sdpa | flex | varlen
     mask: str = "causal"  # causal | document
@@ -40,7 +40,7 @@ FLAVORS: dict[str, Qwen3Config] = {
                          hidden_dim=384, max_seq_len=2048),
     # Not a published shape: ~30M parameters, for comparing backends on a few GPUs in minutes.
     "small": Qwen3Config(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
-                         hidden_dim=1536, max_seq_len=4096),
+                         hidden_dim=1536, max_seq_len=8192),
     "0.6B": Qwen3Config(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072),
     "1.7B": Qwen3Config(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=6144),
     "4B": Qwen3Config(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, hidden_dim=9728),
@@ -160,9 +160,12 @@ class Qwen3Model(nn.Module):
             for linear in (layer.attention.wo, layer.feed_forward.w2):
                 nn.init.normal_(linear.weight, std=residual_std, generator=generator)
 
-    def build_meta(self, tokens: torch.Tensor):
-        """Attention metadata for a batch of token ids, built once and shared by every layer."""
-        return self.backend.build_meta(tokens, self.config.eos_id)
+    def build_meta(self, tokens: torch.Tensor, device: torch.device | None = None):
+        """Attention metadata for a batch of token ids (on `device`, default the tokens'), shared by every layer.
+
+        Pass the loader's host copy of the tokens with the training device: varlen then needs no device sync.
+        """
+        return self.backend.build_meta(tokens, self.config.eos_id, device)
 
     def forward(self, tokens: torch.Tensor, meta=None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab), with the configured backend and mask."""

@@ -73,3 +73,17 @@ def test_kernel_matches_float64_reference(backend_name, mask, packed_tokens, ref
     error_table.append(dict(backend=backend_name, mask=mask, **errors))
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert max(errors.values()) < BF16_TOLERANCE, errors
+
+
+def test_varlen_metadata_from_host_tokens_needs_no_device_sync(packed_tokens):
+    """train.py builds the metadata from the loader's host copy of the tokens: varlen's lengths then cost no sync."""
+    tokens = packed_tokens(SEQ, vocab=1000, eos_id=EOS)
+    backend = build_backend("varlen", "document")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        meta = backend.build_meta(tokens, EOS, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = backend.build_meta(tokens.cuda(), EOS)
+    assert torch.equal(meta.cu_seqlens, reference.cu_seqlens) and meta.max_seqlen == reference.max_seqlen
