@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recipes.qwen3.attention import build_backend
+
 
 def _allowed(tokens: torch.Tensor, eos_id: int, mask: str) -> torch.Tensor:
     """(batch, seq, seq) bool, True where query i may attend key j; the document rule spelled out as a loop."""
@@ -43,6 +45,26 @@ class ReferenceAttention:
 def reference_attention():
     """ReferenceAttention(mask): build_meta(tokens, eos_id, device) -> dense mask; __call__(q, k, v, meta, scale)."""
     return ReferenceAttention
+
+
+@pytest.fixture
+def backend_and_reference():
+    """run(backend_name, mask, tokens, eos_id, q, k, v, grad_out, scale) -> (out, expected, grads): the backend's
+    output and the float64 reference's for the same inputs, both after backward(grad_out); grads lists
+    (name, backend grad, reference grad) for q, k and v."""
+
+    def run(backend_name, mask, tokens, eos_id, q, k, v, grad_out, scale):
+        backend = build_backend(backend_name, mask)
+        out = backend(q, k, v, backend.build_meta(tokens, eos_id), scale)
+        out.backward(grad_out)
+        reference = ReferenceAttention(mask)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        expected = reference(q64, k64, v64, reference.build_meta(tokens, eos_id), scale)
+        expected.backward(grad_out.double())
+        return out, expected, [(name, got.grad, want.grad) for name, got, want in (("q", q, q64), ("k", k, k64),
+                                                                                   ("v", v, v64))]
+
+    return run
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ SEQ = 45  # not a multiple of any kernel block size
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_backend_matches_float64_reference(backend_name, mask, q_heads, kv_heads, head_dim,
-                                           packed_tokens, reference_attention):
+                                           packed_tokens, backend_and_reference):
     tokens = packed_tokens(SEQ, vocab=50, eos_id=EOS)
     generator = torch.Generator().manual_seed(head_dim + q_heads + kv_heads)
     batch = tokens.shape[0]
@@ -28,19 +28,12 @@ def test_backend_matches_float64_reference(backend_name, mask, q_heads, kv_heads
     grad_out = torch.randn(batch, SEQ, q_heads, head_dim, generator=generator)
     scale = head_dim**-0.5
 
-    backend = build_backend(backend_name, mask)
-    out = backend(q, k, v, backend.build_meta(tokens, EOS), scale)
-    out.backward(grad_out)
-
-    reference = reference_attention(mask)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = reference(q64, k64, v64, reference.build_meta(tokens, EOS), scale)
-    expected.backward(grad_out.double())
+    out, expected, grads = backend_and_reference(backend_name, mask, tokens, EOS, q, k, v, grad_out, scale)
 
     assert out.shape == (batch, SEQ, q_heads, head_dim)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    for name, got, want in (("q", q, q64), ("k", k, k64), ("v", v, v64)):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+    for name, got, want in grads:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
 
 
 def test_varlen_document_metadata_matches_hand_computed_boundaries():

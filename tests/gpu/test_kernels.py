@@ -47,7 +47,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_kernel_matches_float64_reference(backend_name, mask, packed_tokens, reference_attention, error_table):
+def test_kernel_matches_float64_reference(backend_name, mask, packed_tokens, backend_and_reference, error_table):
     tokens = packed_tokens(SEQ, vocab=1000, eos_id=EOS)[:BATCH]
     tokens[0, [700, 1501]] = EOS  # a few documents of realistic length on top of the short ones
     tokens[1, 1023] = EOS
@@ -58,18 +58,10 @@ def test_kernel_matches_float64_reference(backend_name, mask, packed_tokens, ref
     grad_out = torch.randn(BATCH, SEQ, Q_HEADS, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16)
     scale = HEAD_DIM**-0.5
 
-    backend = build_backend(backend_name, mask)
-    out = backend(q, k, v, backend.build_meta(tokens, EOS), scale)
-    out.backward(grad_out)
-
-    reference = reference_attention(mask)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = reference(q64, k64, v64, reference.build_meta(tokens, EOS), scale)
-    expected.backward(grad_out.double())
+    out, expected, grads = backend_and_reference(backend_name, mask, tokens, EOS, q, k, v, grad_out, scale)
 
     errors = {"out": _relative_error(out, expected)}
-    errors.update({name: _relative_error(got.grad, want.grad) for name, got, want in
-                   (("q", q, q64), ("k", k, k64), ("v", v, v64))})
+    errors.update({name: _relative_error(got, want) for name, got, want in grads})
     error_table.append(dict(backend=backend_name, mask=mask, **errors))
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert max(errors.values()) < BF16_TOLERANCE, errors
