@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from recipes import checkpoint, data  # noqa: E402
-from recipes.config import ConfigError, load_config  # noqa: E402
+from recipes.config import Config, ConfigError, load_config  # noqa: E402
 from recipes.qwen3.attention import BACKENDS  # noqa: E402
 from recipes.qwen3.model import Qwen3Model, flavor_config  # noqa: E402
 from recipes.qwen3.mutation import inject_varlen_layout_mistake  # noqa: E402
@@ -51,9 +51,14 @@ def heldout_loss(model: Qwen3Model, batches: list[torch.Tensor], device: torch.d
     return float(torch.stack(losses).mean())
 
 
-def evaluate_run(run_dir: Path, args, device: torch.device) -> dict:
-    config = load_config(str(run_dir / "config.toml"))
-    folder = checkpoint_folder(run_dir, args.step)
+def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
+    """The run's resolved config and checkpoint folder; ConfigError naming the fix where one is missing."""
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir}: no config.toml there; pass the job.output_dir of a train.py run")
+    return load_config(str(run_dir / "config.toml")), checkpoint_folder(run_dir, step)
+
+
+def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
     cache_dir = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "qwen3-recipes"))
     tokenizer = data.build_tokenizer(config.data, cache_dir)
     loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
@@ -99,7 +104,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tolerance = args.tolerance if args.tolerance is not None else (2e-2 if device.type == "cuda" else 1e-4)
     try:
-        rows = [evaluate_run(run, args, device) for run in args.runs]
+        inputs = [(run, *run_inputs(run, args.step)) for run in args.runs]  # all checked before any evaluation
+        rows = [evaluate_run(run, config, folder, args, device) for run, config, folder in inputs]
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

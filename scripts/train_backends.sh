@@ -4,11 +4,12 @@
 #
 #   bash scripts/train_backends.sh [--out DIR] [--nproc N] [--repeat BACKEND] [-- --section.key value ...]
 #
-# --out      comparison folder (default outputs/backends-<date>); runs land in DIR/qwen3_<backend>
+# --out      comparison folder (default: outputs/backends-<date> in the repository); runs land in DIR/qwen3_<backend>
 # --nproc    processes per run (default: the GPUs nvidia-smi lists, else 1)
 # --repeat   also train BACKEND a second time (DIR/qwen3_<backend>_repeat): the run-to-run noise floor
 # Overrides after -- go to every run. PYTHON selects the interpreter (default: python3).
 set -euo pipefail
+caller=$PWD  # a relative --out is the caller's, not the repository's (the script works from the repository root)
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out="outputs/backends-$(date +%Y%m%d-%H%M%S)"
@@ -16,7 +17,7 @@ nproc=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
 repeat=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) out=$2; shift 2 ;;
+    --out) out=$(cd "$caller" && realpath -m -- "$2"); shift 2 ;;
     --nproc) nproc=$2; shift 2 ;;
     --repeat) repeat=$2; shift 2 ;;
     --) shift; break ;;
