@@ -3,10 +3,10 @@
 # (the recipe per backend beside torchtitan 0.2.2's Trainer, GQA memory) and a torch.profiler summary of one case.
 #   bash scripts/gpu_benchmark.sh QWEN3_TOKENIZER_DIR [DEST]      (benchmarks/prepare_qwen3_tokenizer.sh makes the dir)
 set -u
-cd "$(dirname "$0")/.."
-tokenizer=$(cd "$1" && pwd)
+tokenizer=$(cd "$1" && pwd)  # both relative to the caller's folder
 dest=${2:-${OUT:-/tmp/benchmark-results}}
-mkdir -p "$dest"
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python=${PYTHON:-python3}

@@ -4,10 +4,11 @@
 # DEST (default $OUT or /tmp/proof) and a tarball of it beside.
 #   bash scripts/gpu_proof.sh [DEST]
 set -u
-cd "$(dirname "$0")/.."
 dest=${1:-${OUT:-/tmp/proof}}
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)  # relative to the caller's folder
+cd "$(dirname "$0")/.."
 work=/tmp/proof-work
-mkdir -p "$dest" "$work"
+mkdir -p "$work"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python=${PYTHON:-python3}
