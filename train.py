@@ -81,6 +81,12 @@ def main(argv: list[str]) -> int:
     dist_ = parallel.init_distributed()
     logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank{dist_.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    if (dist_.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))):
+        # torchrun then keeps one store across restarts, and what a killed attempt left there can send the
+        # restarted ranks to dead peers' ports (pytorch/pytorch#135712).
+        log.warning("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
+                    "restart may fail to connect its ranks")
     preemption = PreemptionFlag()
     output_dir = Path(config.job.output_dir)
     resuming = check_output_dir(output_dir, config)  # refuses a folder that holds a different run
@@ -99,7 +105,6 @@ def main(argv: list[str]) -> int:
     if t.seq_len > model.config.max_seq_len:
         raise ConfigError(f"training.seq_len: {t.seq_len} exceeds the model's max_seq_len "
                           f"{model.config.max_seq_len}; lower it")
-    record_config(output_dir, config, dist_.is_main)  # every input checked: from here on the run writes
     non_embedding_params = model.num_params(exclude_embeddings=True)
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
              config.run_name, model.num_params() / 1e6, model.config.attention, model.config.mask,
@@ -116,6 +121,7 @@ def main(argv: list[str]) -> int:
     scheduler = parallel.build_lr_schedule(optimizer, o, t.steps)
     checkpoints = output_dir / "checkpoints"
     start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader) if resuming else 0
+    record_config(output_dir, config, dist_.is_main)  # every input, the checkpoint included, checked: now it writes
     metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step)
     peak = peak_flops(dist_.device)
 

@@ -4,19 +4,28 @@ Layout: <output_dir>/checkpoints/step-00000100/ holds the DCP shards of model an
 train_state.json (step, LR schedule, data position, RNG). Every rank writes into a hidden .tmp folder; only
 when all ranks are done does rank 0 write train_state.json and rename the folder, so a folder named step-*
 is always complete and a run killed mid-save leaves only a .tmp folder, which is never loaded.
+
+Loading executes no code from the checkpoint: DCP's own reader unpickles .metadata with plain pickle and its
+planner unpickles non-tensor values (the optimizer's hyperparameters) with weights_only=False, so both are
+replaced here by readers that accept only data.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -79,20 +88,89 @@ def save(root: Path, step: int, model, optimizer, scheduler, loader, keep: int) 
     return final
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's .metadata (dataclasses, torch.Size, dtypes, layouts, paths) and refuses any other global,
+    so a crafted file cannot name a callable to run."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    _GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "WindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        # Checked before super() imports anything: importing a module can run its code.
+        if module in self._MODULES:
+            found = super().find_class(module, name)
+            allowed = isinstance(found, type) and found.__module__ == module
+        elif (module, name) in self._GLOBALS:
+            found, allowed = super().find_class(module, name), True
+        else:
+            found = getattr(torch, name, None) if module == "torch" else None
+            allowed = isinstance(found, torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+        return found
+
+
+class _DataOnlyReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _DataOnlyPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # Unpickled with weights_only=True, then handed on re-serialized: the default planner's own
+        # weights_only=False load then sees only the plain values this produced.
+        try:
+            plain = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:  # torch's own message suggests weights_only=False, the very hole
+            raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} holds pickled objects, not plain data") from None
+        checked = io.BytesIO()
+        torch.save(plain, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def _load_dcp(state: dict, folder: Path) -> None:
+    reader = _DataOnlyReader(folder)
+    reader.read_metadata()  # dcp.load swallows why metadata is unreadable and reports only "metadata is None"
+    dcp.load(state, storage_reader=reader, planner=_DataOnlyPlanner())
+
+
+def _unloadable(folder: Path, reason: str) -> ConfigError:
+    return ConfigError(f"checkpoint.resume: {folder} cannot be loaded ({reason}); if it is damaged, move it out of "
+                       f"{folder.parent} to resume from the one before; if it is another run's, resume with the "
+                       f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir")
+
+
+def _read_train_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text())
+        missing = {"step", "scheduler", "data", "rng"} - set(state)
+    except (ValueError, TypeError) as error:  # not JSON, not UTF-8, or not an object
+        raise _unloadable(folder, f"{TRAIN_STATE}: {_first_line(error)}") from None
+    if missing:
+        raise _unloadable(folder, f"{TRAIN_STATE} lacks {', '.join(sorted(missing))}")
+    return state
+
+
 def load_latest(root: Path, model, optimizer, scheduler, loader) -> int:
     """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none)."""
     checkpoints = complete_checkpoints(root)
     if not checkpoints:
         return 0
     folder = checkpoints[-1]
-    state = json.loads((folder / TRAIN_STATE).read_text())
+    state = _read_train_state(folder)
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
-        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
-    except Exception as error:  # DCP reports a shape or key mismatch as a generic CheckpointException
-        raise ConfigError(f"checkpoint.resume: {folder} does not fit this model/optimizer ({_first_line(error)}); "
-                          f"resume with the config that wrote it, or set checkpoint.resume=false and a new "
-                          f"job.output_dir") from None
+        _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
+    except CheckpointException as error:  # a BaseException: what each rank raised is in .failures
+        raise _unloadable(folder, _first_line(next(iter(error.failures.values()))[0])) from None
+    except Exception as error:  # .metadata missing, truncated or not DCP's
+        raise _unloadable(folder, f".metadata: {_first_line(error)}") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["data"])
@@ -104,10 +182,10 @@ def load_latest(root: Path, model, optimizer, scheduler, loader) -> int:
 def load_model_weights(folder: Path, model) -> None:
     """Only the model part of a training checkpoint (e.g. to evaluate it with another attention backend)."""
     model_state = get_model_state_dict(model)
-    dcp.load({"model": model_state}, checkpoint_id=str(folder))
+    _load_dcp({"model": model_state}, folder)
     set_model_state_dict(model, model_state)
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__

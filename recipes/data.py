@@ -485,7 +485,10 @@ def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local
         stream = StreamedTokens(_hub_dataset(name, data), tokenizer, data.text_field, seed, name, heldout)
         dataset = f"{data.dataset} {data.dataset_config} {data.split}"
     # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
-    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:16], "training.seed": seed}
+    # The global batch too: the stream is world-size free, but the same checkpoint read with more rows per step
+    # (more ranks, same local batch) would continue a different run.
+    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:16], "training.seed": seed,
+                "world size x training.local_batch_size": world_size * local_batch_size}
     return PackedLoader(stream, identity, seq_len, local_batch_size, rank, world_size)
 
 

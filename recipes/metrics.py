@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import urllib.parse
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -61,13 +61,19 @@ def torchtitan_flops(config: Qwen3Config, non_embedding_params: int, tokens: int
     return (6.0 * non_embedding_params + 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len) * tokens
 
 
-def _wandb_reachable(timeout: float = 2.0) -> bool:
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+def _wandb_server_problem(timeout: float = 3.0) -> str | None:
+    """What keeps the W&B server from taking a run, or None if it answers. Asked here because wandb.init retries
+    a server that does not answer, or answers 5xx, for its whole init_timeout (30 s) before giving up."""
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    request = urllib.request.Request(f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}',
+                                     headers={"Content-Type": "application/json"})
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as error:  # 401 without credentials in the request is an answer too
+        return f"W&B server error: HTTP {error.code} from {base_url}" if error.code >= 500 else None
+    except OSError as error:  # URLError (refused, no DNS), timeouts
+        return f"W&B server unreachable: {getattr(error, 'reason', error)} at {base_url}"
+    return None
 
 
 def _wandb_has_credentials() -> bool:
@@ -84,7 +90,7 @@ def start_wandb(config, output_dir: Path):
     """
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         reason = ("no credentials (WANDB_API_KEY or ~/.netrc)" if not _wandb_has_credentials()
-                  else None if _wandb_reachable() else "W&B server unreachable")
+                  else _wandb_server_problem())
         if reason:
             # Must be set in the environment: passing mode only to init still makes a network call at exit.
             os.environ["WANDB_MODE"] = "offline"

@@ -30,6 +30,9 @@ def _identity_differences(saved: Config, current: Config) -> list[str]:
 
 def check_output_dir(output_dir: Path, config: Config) -> bool:
     """Refuses a folder holding another run; returns whether this run resumes what the folder holds."""
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
     saved_path = output_dir / "config.toml"
     resuming = False
     if saved_path.is_file():

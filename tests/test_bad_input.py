@@ -1,0 +1,285 @@
+"""Bad input ends one way: exit code 2, one line `error: <field>: <what is wrong>; <the fix>` on stderr, no Python
+traceback, and nothing written: an output folder that did not exist is not created, one that did is left byte for
+byte with its mtimes. Each case is one real `python train.py` (torchrun for the world-size case); the cases run a
+few at a time, each then checked by its own test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import tokenizers
+
+from recipes.config import load_config, to_toml
+from train_process import DEBUG_CONFIG, REPO, train_command, train_env
+
+# Two steps of the debug config, a checkpoint after each.
+RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "2", "--training.seq_len", "64",
+       "--training.local_batch_size", "2", "--optimizer.warmup_steps", "1", "--metrics.log_every", "1",
+       "--metrics.wandb", "false", "--checkpoint.interval", "1"]
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d \[rank\d+\] ")
+
+
+# ----------------------------------------------------------------------------------------------- the cases
+# A case prepares its folder (given a finished run to copy) and returns train.py's extra arguments; the run writes
+# to <case folder>/run, which a case creates only when it is about a folder that already exists. `expected` is the
+# error line, less its "error: ", as a regex.
+
+
+@dataclass
+class Case:
+    prepare: Callable[[Path, Path], list[str]]
+    expected: str
+
+
+def arguments(*values: str) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, base: list(values)
+
+
+def file_at(name: str, text: str, *option: str) -> Callable[[Path, Path], list[str]]:
+    """Writes <case folder>/<name>; passes its path to `option` if one is given."""
+    def prepare(tmp: Path, base: Path) -> list[str]:
+        (tmp / name).parent.mkdir(exist_ok=True)
+        (tmp / name).write_text(text)
+        return [*option, str(tmp / name)] if option else []
+    return prepare
+
+
+def config_file(text: str) -> Callable[[Path, Path], list[str]]:
+    return file_at("config.toml", text, "--config")
+
+
+def corpus(*lines: str) -> Callable[[Path, Path], list[str]]:
+    return file_at("corpus.jsonl", "".join(line + "\n" for line in lines), "--data.dataset")
+
+
+def copy_of_the_run(*values: str, change: Callable[[Path], None] = lambda run: None):
+    """The finished run copied to <case folder>/run (mtimes kept), then `change`d; train.py gets `values`."""
+    def prepare(tmp: Path, base: Path) -> list[str]:
+        shutil.copytree(base, tmp / "run")
+        change(tmp / "run")
+        return list(values)
+    return prepare
+
+
+def tokenizer_larger_than_the_model(tmp: Path, base: Path) -> list[str]:
+    """A word-level tokenizer of 3,002 tokens (the debug model has 2,048) and a small corpus in its words."""
+    vocab = {f"w{i}": i for i in range(3000)} | {"<|endoftext|>": 3000, "[UNK]": 3001}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    documents = [json.dumps({"text": " ".join(f"w{i}" for i in range(j, j + 300))}) for j in range(0, 3000, 300)]
+    return ["--data.tokenizer", str(tmp / "tokenizer.json"), *corpus(*documents)(tmp, base)]
+
+
+def another_flavor_in_the_folder_config(run: Path) -> None:
+    """The folder's config.toml rewritten for flavor "small", so the folder check passes and the debug-model
+    checkpoint meets a model it does not fit."""
+    (run / "config.toml").write_text(to_toml(load_config(str(run / "config.toml"), ["--model.flavor", "small"])))
+
+
+def step_2(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda run: change(run / "checkpoints" / "step-00000002")
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(1000)
+
+
+DATASET_FIX = "give \"stdlib\", a .jsonl/.json/.parquet/.txt file or folder, or \"hf:NAME\" for a hub dataset"
+CHECKPOINT = (r"checkpoint\.resume: \S+/run/checkpoints/step-00000002 cannot be loaded \({}\); if it is damaged, move it"
+              r" out of \S+/run/checkpoints to resume from the one before; if it is another run's, resume with the "
+              r"config that wrote it, or set checkpoint\.resume=false and a new job\.output_dir")
+
+CASES = {
+    # the config file and the command line
+    "toml_malformed": Case(config_file("[training\nsteps = 3\n"),
+                           r"--config: \S+ is not valid TOML \(.*\); fix the line it names"),
+    "unknown_section": Case(config_file("[trainig]\nsteps = 3\n"),
+                            r"unknown section \[trainig\]; did you mean 'training'\?"),
+    "unknown_key_in_file": Case(config_file('[model]\natention = "flex"\n'),
+                                r"unknown key model\.atention; did you mean 'attention'\?"),
+    "unknown_key_on_command_line": Case(arguments("--checkpoint.intervall", "5"),
+                                        r"unknown key checkpoint\.intervall; did you mean 'interval'\?"),
+    "key_outside_a_section": Case(config_file("steps = 3\n"),
+                                  r"\S+: top-level key 'steps' must be a \[section\]; valid: model, training, .*"),
+    "config_file_missing": Case(lambda tmp, base: ["--config", str(tmp / "nope.toml")],
+                                r"--config: file \S+/nope\.toml not found; pass an existing TOML file, e\.g\. "
+                                r"configs/qwen3_debug\.toml"),
+    "string_for_int_in_file": Case(config_file('[training]\nseq_len = "64"\n'),
+                                   r"training\.seq_len: expected int, got str '64'"),
+    "word_for_int_on_command_line": Case(arguments("--training.steps", "ten"),
+                                         r"training\.steps: cannot read 'ten' as int"),
+    "word_for_bool": Case(arguments("--training.compile", "yes"), r"training\.compile: cannot read 'yes' as bool"),
+    "numbers_for_tag_list": Case(config_file("[metrics]\nwandb_tags = [1, 2]\n"),
+                                 r"metrics\.wandb_tags: expected a list of strings, got \[1, 2\]; write e\.g\. "
+                                 r"\[\"a\", \"b\"\]"),
+    "python_code_as_a_value": Case(  # values are TOML data, never evaluated: the payload would touch <tmp>/pwned
+        lambda tmp, base: ["--training.steps", f"__import__('os').system('touch {tmp}/pwned')"],
+        r"training\.steps: cannot read .* as int"),
+    "zero_steps": Case(arguments("--training.steps", "0"), r"training\.steps: must be > 0, got 0"),
+    "negative_steps": Case(arguments("--training.steps", "-3"), r"training\.steps: must be > 0, got -3"),
+    "seq_len_beyond_the_flavor": Case(arguments("--training.seq_len", "4096"),
+                                      r"training\.seq_len: 4096 exceeds flavor 'debug''s max_seq_len 2048; lower it"),
+    "batch_not_divisible_into_micro_batches": Case(
+        arguments("--training.local_batch_size", "3", "--training.grad_accum_steps", "2"),
+        r"training\.local_batch_size: 3 is not divisible by training\.grad_accum_steps=2; make it a multiple"),
+    "unknown_flavor": Case(arguments("--model.flavor", "debugg"),
+                           r"model\.flavor: 'debugg' is not one of debug, small, .*; did you mean 'debug'\?"),
+    "unknown_backend": Case(arguments("--model.attention", "flash"),
+                            r"model\.attention: 'flash' is not one of sdpa, flex, varlen"),
+    "unknown_mask": Case(arguments("--model.mask", "sliding"), r"model\.mask: 'sliding' is not one of causal, document"),
+    "unknown_dtype": Case(arguments("--training.dtype", "fp16"),
+                          r"training\.dtype: 'fp16' is not one of bfloat16, float32; did you mean 'bfloat16'\?"),
+    # data, tokenizer, weights
+    "dataset_missing": Case(lambda tmp, base: ["--data.dataset", str(tmp / "corpus.jsonl")],
+                            rf"data\.dataset: '\S+/corpus\.jsonl' does not exist; {re.escape(DATASET_FIX)}"),
+    "dataset_folder_without_files": Case(lambda tmp, base: ["--data.dataset", str(tmp)],
+                                         r"data\.dataset: folder \S+ holds no \.jsonl/\.json/\.parquet/\.txt files; "
+                                         r"point it at a folder that does"),
+    "dataset_not_json_lines": Case(corpus('{"text": "a document"}', "not json"),
+                                   r"data\.dataset: \S+/corpus\.jsonl is not valid JSON lines \(.*\); fix the file or "
+                                   r"point data\.dataset elsewhere"),
+    "dataset_without_the_text_field": Case(corpus('{"body": "a document"}'),
+                                           r"data\.text_field: 'text' is not a field of the records in \S+ \(fields: "
+                                           r"body\); set data\.text_field to the one holding the text"),
+    "tokenizer_missing": Case(lambda tmp, base: ["--data.tokenizer", str(tmp / "tokenizer.json")],
+                              r"data\.tokenizer: '\S+/tokenizer\.json' does not exist; give a tokenizer\.json, a "
+                              r"folder, a hub id or \"default\""),
+    "tokenizer_not_a_tokenizer": Case(
+        file_at("tokenizer.json", '{"model": "none"}', "--data.tokenizer"),
+        r"data\.tokenizer: \S+ is not a tokenizers JSON file \(.*\); point it at a HF tokenizer\.json"),
+    "tokenizer_larger_than_the_model": Case(tokenizer_larger_than_the_model,
+                                            r"data\.tokenizer: vocabulary 3002 exceeds model vocab 2048 \(\S+\); pick a "
+                                            r"flavor with a larger vocabulary or a smaller tokenizer \(data\.vocab_size "
+                                            r"for the default one\)"),
+    "eos_token_not_in_the_vocabulary": Case(arguments("--data.eos_token", "<|nope|>"),
+                                            r"data\.eos_token: '<\|nope\|>' is not a token of .*; set "
+                                            r"data\.eos_token to a token in its vocabulary"),
+    "init_from_missing": Case(lambda tmp, base: ["--model.init_from", str(tmp / "hf")],
+                              r"\S+/hf: no config\.json; point model\.init_from at an HF Qwen3 checkpoint folder"),
+    # the output folder
+    "folder_holds_another_run": Case(copy_of_the_run("--model.attention", "flex"),
+                                     r"job\.output_dir: \S+/run holds a different run \(model\.attention: 'sdpa' "
+                                     r"there, 'flex' now\); choose a new job\.output_dir"),
+    "folder_holds_this_run_but_resume_is_off": Case(copy_of_the_run("--checkpoint.resume", "false"),
+                                                    r"job\.output_dir: \S+/run already holds this run; set "
+                                                    r"--checkpoint\.resume true to continue it, or choose a new "
+                                                    r"job\.output_dir"),
+    "folder_holds_something_else": Case(
+        file_at("run/notes.txt", "mine"),
+        r"job\.output_dir: \S+/run is not empty and holds no run of this recipe; choose a new or empty folder"),
+    "folder_is_a_file": Case(file_at("run", "a file"),
+                             r"job\.output_dir: \S+/run is a file, not a folder; choose another job\.output_dir"),
+    # the checkpoint
+    "checkpoint_state_not_json": Case(
+        copy_of_the_run(change=step_2(lambda folder: (folder / "train_state.json").write_bytes(b"\0\xff"))),
+        CHECKPOINT.format(r"train_state\.json: UnicodeDecodeError: .*")),
+    "checkpoint_shard_truncated": Case(copy_of_the_run(change=step_2(lambda folder: truncate(folder / "__0_0.distcp"))),
+                                       CHECKPOINT.format(r".+")),
+    "checkpoint_metadata_missing": Case(copy_of_the_run(change=step_2(lambda folder: (folder / ".metadata").unlink())),
+                                        CHECKPOINT.format(r"\.metadata: FileNotFoundError: .*")),
+    "checkpoint_of_another_model": Case(
+        copy_of_the_run("--model.flavor", "small", change=another_flavor_in_the_folder_config),
+        CHECKPOINT.format(r"ValueError: Size mismatch between saved torch\.Size\(\[2048, 128\]\) and current: "
+                          r"torch\.Size\(\[8192, 512\]\) for model\.tok_embeddings\.weight")),
+}
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    before: dict
+    after: dict
+    payload_ran: bool
+
+
+def snapshot(path: Path) -> dict:
+    """{relative path: (mtime_ns, sha256 or None for a folder)} of path and everything under it; {} if absent."""
+    if not path.exists():
+        return {}
+    entries = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    return {str(entry.relative_to(path.parent)): (entry.stat().st_mtime_ns,
+                                                  hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file()
+                                                  else None)
+            for entry in entries}
+
+
+def run_case(env: dict, base: Path, tmp: Path, case: Case, nproc: int = 1) -> Outcome:
+    tmp.mkdir()
+    args = case.prepare(tmp, base)
+    out = tmp / "run"
+    before = snapshot(out)
+    result = subprocess.run(train_command([*RUN, "--job.output_dir", str(out), *args], nproc), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    return Outcome(result.returncode, result.stdout, result.stderr, before, snapshot(out), (tmp / "pwned").exists())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    base = tmp_path_factory.getbasetemp()
+    return train_env(base / "recipes-cache", base / "wandb-home")
+
+
+@pytest.fixture(scope="module")
+def base_run(env, tmp_path_factory) -> Path:
+    """A finished run, one process: config.toml, metrics.jsonl and checkpoints of steps 1 and 2."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    subprocess.run([sys.executable, "train.py", *RUN, "--job.output_dir", str(out)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcomes(env, base_run, tmp_path_factory) -> dict[str, Outcome]:
+    """Every case, three processes at a time (each mostly imports torch and stops at its check)."""
+    root = tmp_path_factory.mktemp("cases")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        started = {name: pool.submit(run_case, env, base_run, root / name, case) for name, case in CASES.items()}
+        return {name: future.result() for name, future in started.items()}
+
+
+def assert_one_error_line(output: str, expected: str) -> None:
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    assert re.fullmatch(expected, errors[0].removeprefix("error: ")), f"{errors[0]}\n  does not match\n{expected}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, name):
+    outcome = outcomes[name]
+    assert outcome.returncode == 2, outcome.stderr[-3000:]
+    assert "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
+    assert outcome.stdout == ""
+    assert_one_error_line(outcome.stderr, CASES[name].expected)
+    *before_error, _ = outcome.stderr.splitlines()  # the error is the last line; the ones before, the log's
+    assert all(LOG_LINE.match(line) for line in before_error), outcome.stderr[-3000:]
+    assert outcome.after == outcome.before  # not created if it did not exist; else not a byte or mtime changed
+    assert not outcome.payload_ran
+
+
+def test_resuming_on_another_world_size_is_refused(env, base_run, tmp_path):
+    """The token stream does not depend on the world size, but the global batch does: a checkpoint written with
+    1 rank x 2 rows, resumed by 2 ranks x 2 rows, would continue a different run. Every rank refuses; rank 0 prints
+    the line, and torchrun (exit 1) adds its own summary, with no traceback from the recipe."""
+    case = Case(copy_of_the_run(), r"world size x training\.local_batch_size: the checkpoint's data stream was made "
+                                   r"with 2, this run has 4; resume with the same setting, or use a new job\.output_dir")
+    outcome = run_case(env, base_run, tmp_path / "case", case, nproc=2)
+    assert outcome.returncode == 1
+    assert re.search(r"exitcode\s*: 2", outcome.stderr)
+    assert_one_error_line(outcome.stderr, case.expected)
+    assert f'File "{REPO}' not in outcome.stderr  # torchrun's own traceback only
+    assert outcome.after == outcome.before
