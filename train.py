@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from recipes import checkpoint, data, parallel
 from recipes.config import ConfigError, load_config, to_toml
-from recipes.metrics import MetricsLogger, attended_pairs, peak_flops, peak_memory_gib, torchtitan_flops, train_flops
+from recipes.metrics import (MetricsLogger, attended_pairs, build_profiler, peak_flops, peak_memory_gib,
+                             torchtitan_flops, train_flops)
 from recipes.outputs import check_output_dir, record_config
 from recipes.qwen3.model import Qwen3Model, flavor_config
 
@@ -113,6 +114,8 @@ def main(argv: list[str]) -> int:
         parallel.apply_activation_checkpointing(model)
     if t.compile:
         parallel.apply_compile(model)
+    # Compiled, the loss never materialises the float32 copy of the (tokens, vocab) logits.
+    loss_fn = torch.compile(cross_entropy) if t.compile else cross_entropy
     parallel.apply_fsdp(model, getattr(torch, t.dtype), dist_.device)
 
     o = config.optimizer
@@ -124,6 +127,7 @@ def main(argv: list[str]) -> int:
     record_config(output_dir, config, dist_.is_main)  # every input, the checkpoint included, checked: now it writes
     metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step)
     peak = peak_flops(dist_.device)
+    profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
     micro_batch = t.local_batch_size // t.grad_accum_steps
     window_tokens, window_flops, window_tt_flops = 0, 0.0, 0.0
@@ -137,12 +141,12 @@ def main(argv: list[str]) -> int:
             window_flops += train_flops(model.config, non_embedding_params, inputs.numel(),
                                         attended_pairs(inputs, model.config.mask, model.config.eos_id))
             window_tt_flops += torchtitan_flops(model.config, non_embedding_params, inputs.numel(), t.seq_len)
-            inputs, labels = inputs.to(dist_.device, non_blocking=True), labels.to(dist_.device, non_blocking=True)
-
             loss_sum = torch.zeros((), device=dist_.device)
             for micro, (x, y) in enumerate(zip(inputs.split(micro_batch), labels.split(micro_batch))):
                 model.set_requires_gradient_sync(micro == t.grad_accum_steps - 1)  # reduce once per step
-                loss = cross_entropy(model(x), y) / t.grad_accum_steps
+                meta = model.build_meta(x, dist_.device)  # from the host copy: no device sync for the metadata
+                x, y = x.to(dist_.device, non_blocking=True), y.to(dist_.device, non_blocking=True)
+                loss = loss_fn(model(x, meta), y) / t.grad_accum_steps
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
@@ -161,6 +165,8 @@ def main(argv: list[str]) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if profiler is not None:
+                profiler.step()
 
             if step % config.metrics.log_every == 0 or step == t.steps or preempted:
                 now = time.perf_counter()
@@ -182,13 +188,16 @@ def main(argv: list[str]) -> int:
             if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):
                 checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
             if preempted:
-                log.warning("preempted (%s) at step %d: checkpoint saved; run again to continue",
-                            preemption.signal_name or "signal on another rank", step)
+                log.warning("preempted (%s) at step %d: %s", preemption.signal_name or "signal on another rank", step,
+                            "checkpoint saved; run again to continue" if config.checkpoint.enable
+                            else "checkpoint.enable=false, so nothing was saved")
                 return PREEMPTED_EXIT_CODE
         log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
                  output_dir)
         return 0
     finally:
+        if profiler is not None:
+            profiler.stop()
         metrics.close()
         torch.distributed.destroy_process_group()
 

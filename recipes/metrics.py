@@ -178,3 +178,25 @@ def console_line(row: dict) -> str:
         parts.append(f"mfu {row['mfu']:.1%} (tt {row['mfu_torchtitan']:.1%})")
     parts.append(f"mem {row['peak_memory_gib']:.2f} GiB")
     return " | ".join(parts)
+
+
+def build_profiler(output_dir: Path, enabled: bool):
+    """torch.profiler over steps 6-8 (after compilation and warm-up) when [metrics] profile is set: rank 0 writes
+    <output_dir>/profile/top_kernels.txt (device time per kernel) and a Chrome trace. None when disabled."""
+    if not enabled:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    folder = output_dir / "profile"
+
+    def write(profiler) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80)
+        (folder / "top_kernels.txt").write_text(table)
+        profiler.export_chrome_trace(str(folder / "trace.json"))
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities, schedule=schedule(wait=5, warmup=1, active=3, repeat=1),
+                       on_trace_ready=write)
+    profiler.start()
+    return profiler
