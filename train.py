@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes import checkpoint, data, parallel
-from recipes.config import ConfigError, load_config, to_toml
+from recipes.config import ConfigError, load_config
 from recipes.metrics import (MetricsLogger, attended_pairs, build_profiler, peak_flops, peak_memory_gib,
                              torchtitan_flops, train_flops)
 from recipes.outputs import check_output_dir, record_config

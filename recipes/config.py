@@ -93,7 +93,7 @@ class MetricsConfig:
     wandb_entity: str = ""
     wandb_group: str = ""
     wandb_tags: list[str] = field(default_factory=list)
-    profile: bool = False  # torch.profiler over steps 6-8; rank 0 writes <output_dir>/profile/
+    profile: bool = False  # torch.profiler over steps 7-9; rank 0 writes <output_dir>/profile/
 
 
 @dataclass

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def summarize(rows: list[dict], skip: int) -> dict:
 
 def run_ours(spec: dict, args, work: Path) -> dict:
     out = work / f"ours-{spec['case']}"
+    shutil.rmtree(out, ignore_errors=True)  # a rerun measures anew instead of being refused by the old folder
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         str(REPO / "train.py"),

@@ -8,7 +8,7 @@ dest=${1:-${OUT:-/tmp/proof}}
 mkdir -p "$dest" && dest=$(cd "$dest" && pwd)  # relative to the caller's folder
 cd "$(dirname "$0")/.."
 work=/tmp/proof-work
-mkdir -p "$work"
+rm -rf "$work" && mkdir -p "$work"  # a rerun must train anew, not resume the finished runs
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python=${PYTHON:-python3}

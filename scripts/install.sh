@@ -9,7 +9,7 @@ venv=${VENV:-.venv}
 torch_version=${TORCH_VERSION:-2.11.0}
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip --version >/dev/null 2>&1 || python3 -m venv --clear "$venv"  # also mends a half-made one
 "$venv/bin/python" -m pip install -q "torch==$torch_version" -e ".$extras" 2> >(grep -v "WARNING: Location" >&2)
 if [ -n "$extras" ]; then bash .ci/slurm-setup.sh; fi
 "$venv/bin/python" -c "import torch, recipes; print('installed: torch', torch.__version__, 'in $venv')"

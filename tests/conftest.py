@@ -96,3 +96,13 @@ def randomize_norms():
                 module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
 
     return randomize
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    """The environment for train.py processes, with the default tokenizer and tokenized corpus built once per
+    test session (tests/train_process.py says what else it sets)."""
+    from train_process import train_env as make_env
+
+    base = tmp_path_factory.mktemp("train-env")
+    return make_env(base / "recipes-cache", base / "wandb-home")

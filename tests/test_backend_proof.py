@@ -18,7 +18,7 @@ from matplotlib.image import imread
 
 from recipes.config import load_config
 from recipes.runs import load_run, read_metrics
-from train_process import REPO, finish, train_env
+from train_process import REPO, finish
 
 compare_main = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))["main"]
 EVAL_MATRIX = REPO / "scripts" / "eval_matrix.py"
@@ -31,12 +31,6 @@ OVERRIDES = ["--model.flavor", "debug", "--training.dtype", "float32", "--data.v
              "--optimizer.warmup_steps", "2", "--checkpoint.interval", "8", "--metrics.log_every", "1",
              "--metrics.wandb", "true"]
 CPU_TOLERANCE = ["--tolerance", "1e-4", "--mean-tolerance", "1e-4"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("backend-proof-env")
-    return train_env(base / "recipes-cache", base / "wandb-home")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import tokenizers
 
 from recipes.config import load_config, to_toml
-from train_process import DEBUG_CONFIG, REPO, train_command, train_env
+from train_process import DEBUG_CONFIG, REPO, train_command
 
 # Two steps of the debug config, a checkpoint after each.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "2", "--training.seq_len", "64",
@@ -226,12 +226,6 @@ def run_case(env: dict, base: Path, tmp: Path, case: Case, nproc: int = 1) -> Ou
     result = subprocess.run(train_command([*RUN, "--job.output_dir", str(out), *args], nproc), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     return Outcome(result.returncode, result.stdout, result.stderr, before, snapshot(out), (tmp / "pwned").exists())
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    base = tmp_path_factory.getbasetemp()
-    return train_env(base / "recipes-cache", base / "wandb-home")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from recipes.checkpoint import complete_checkpoints, load_model_weights
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
 from recipes.runs import read_wandb_offline
-from train_process import DEBUG_CONFIG, finish, launch, train_env, worker_pids
+from train_process import DEBUG_CONFIG, finish, launch, worker_pids
 
 STEPS = 16
 # The debug config shortened: 16 steps of 2 ranks x 2 rows x 64 tokens, a checkpoint every 4 steps, all kept.
@@ -40,12 +40,6 @@ RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--trainin
        "--metrics.wandb", "false", "--checkpoint.interval", "4", "--checkpoint.keep", "5"]
 PREEMPTED_EXIT_CODE, NONFINITE_EXIT_CODE = 75, 3
 API_KEY = "0123456789abcdef" * 2 + "fedcba98"  # W&B keys are 40 characters
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    base = tmp_path_factory.getbasetemp()
-    return train_env(base / "recipes-cache", base / "wandb-home")
 
 
 def logged_steps(out: Path) -> list[int]:

@@ -6,7 +6,6 @@ same mask, math kernel), so the backends must agree to fp32 noise here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from recipes.config import ConfigError, load_config, to_toml
-from recipes.data import build_dataloader, build_tokenizer
 from recipes.outputs import check_output_dir
 from recipes.runs import read_metrics, read_wandb_offline
+from train_process import DEBUG_CONFIG, REPO, finish, launch
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-DEBUG_CONFIG = REPO / "configs" / "qwen3_debug.toml"
 STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
@@ -31,37 +27,6 @@ RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--trainin
        "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5"]
 BACKENDS = ("sdpa", "flex", "varlen")
 PREEMPTED_EXIT_CODE = 75
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("recipes-cache")
-    # Build the default tokenizer and tokenize the corpus once, so the concurrent runs below only read the cache.
-    data = load_config(str(DEBUG_CONFIG)).data
-    build_dataloader(data, build_tokenizer(data, cache), 64, 4, 0, 1, 0, cache)
-    wandb_home = tmp_path_factory.mktemp("wandb-home")
-    return {**{key: value for key, value in os.environ.items() if not key.startswith("WANDB_")},
-            "RECIPES_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "WANDB_CONFIG_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home), "WANDB_DATA_DIR": str(wandb_home),
-            # One thread per process: several runs share the cores, and a resumed run must reduce in the same
-            # order as the uninterrupted one to match it bit for bit.
-            "OMP_NUM_THREADS": "1"}
-
-
-def launch(env: dict, log: Path, args: list[str], nproc: int = 1) -> subprocess.Popen:
-    """Starts train.py with its console output in `log` (a file, not a pipe, so concurrent runs never block)."""
-    command = ([sys.executable, "train.py"] if nproc == 1 else
-               [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "train.py"])
-    with open(log, "w") as output:
-        return subprocess.Popen([*command, *args], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                text=True)
-
-
-def finish(process: subprocess.Popen, log: Path, code: int = 0) -> str:
-    process.wait(timeout=600)
-    text = log.read_text()
-    assert process.returncode == code, f"{' '.join(process.args)} exited {process.returncode}:\n{text[-4000:]}"
-    return text
 
 
 def losses(run_dir: Path) -> list[float]:
