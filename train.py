@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     parallel.set_deterministic(t.deterministic)
 
     # Tokenizer and data: rank 0 fills the cache first, the others then read it.
-    cache_dir = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "qwen3-recipes"))
+    cache_dir = data.default_cache_dir()
     with parallel.main_rank_first():
         tokenizer = data.build_tokenizer(config.data, cache_dir)
         loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,

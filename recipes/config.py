@@ -230,8 +230,9 @@ def validate(config: Config) -> None:
              f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
              f"{t.grad_accum_steps}; make it a multiple")
     max_seq = FLAVORS[m.flavor].max_seq_len
-    _require(t.seq_len <= max_seq, f"training.seq_len: {t.seq_len} exceeds flavor {m.flavor!r}'s max_seq_len "
-                                   f"{max_seq}; lower it")
+    # With init_from the checkpoint's config.json sets the shape; train.py checks seq_len against it.
+    _require(bool(m.init_from) or t.seq_len <= max_seq,
+             f"training.seq_len: {t.seq_len} exceeds flavor {m.flavor!r}'s max_seq_len {max_seq}; lower it")
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
     _require(0 <= o.warmup_steps, f"optimizer.warmup_steps: must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")

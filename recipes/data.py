@@ -258,6 +258,11 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
                           f"{type(error).__name__}); give a local tokenizer.json or folder, or \"default\"") from None
 
 
+def default_cache_dir() -> Path:
+    """Where tokenizers and tokenized corpora are cached: $RECIPES_CACHE, else ~/.cache/qwen3-recipes."""
+    return Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "qwen3-recipes"))
+
+
 def build_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
     """data.tokenizer: "default" (byte-level BPE of data.vocab_size trained on the stdlib corpus, cached under
     cache_dir), a tokenizer.json or a folder holding one, or a HF hub id such as "Qwen/Qwen3-0.6B"."""
@@ -360,7 +365,7 @@ class StreamedTokens:
     def _documents(self, epoch: int, skip: int) -> Iterator[tuple[int, int, str]]:
         while True:
             self.dataset.set_epoch(epoch)
-            index = -1
+            index, yielded = -1, 0
             for index, record in enumerate(self.dataset):
                 if index < skip:
                     continue
@@ -368,9 +373,13 @@ class StreamedTokens:
                     raise _missing_field(Path(self.name), self.text_field, record)
                 text = record[self.text_field]
                 if text and text.strip() and is_heldout(text) == self.heldout:
+                    yielded += 1
                     yield epoch, index, text
             if index < 0:
                 raise ConfigError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
+            if not yielded and not skip:  # else the next epoch would be as empty, forever
+                raise ConfigError(f"data.dataset: {self.name} has no {'held-out' if self.heldout else 'training'} "
+                                  f"documents with text in {self.text_field!r}; check data.text_field and data.split")
             epoch, skip = epoch + 1, 0
 
     def _seek(self, epoch: int, document: int, offset: int) -> None:

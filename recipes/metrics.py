@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import torch
 
+from recipes.config import to_dict
 from recipes.qwen3.attention import document_ids
 from recipes.qwen3.model import Qwen3Config
 
@@ -80,7 +82,8 @@ def _wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    return netrc.is_file() and host in netrc.read_text(errors="ignore")
 
 
 def start_wandb(config, output_dir: Path):
@@ -112,19 +115,13 @@ def start_wandb(config, output_dir: Path):
             group=m.wandb_group or os.environ.get("WANDB_RUN_GROUP") or None,
             name=os.environ.get("WANDB_NAME") or config.run_name,
             tags=m.wandb_tags or None,
-            config=_public_config(config),
+            config=to_dict(config),
             dir=str(output_dir),
             settings=wandb.Settings(init_timeout=30, x_disable_stats=True),
         )
     except Exception as error:  # W&B must never stop training: metrics.jsonl stays the record
         log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, str(error).splitlines()[0][:200])
         return None
-
-
-def _public_config(config) -> dict:
-    from recipes.config import to_dict
-
-    return to_dict(config)
 
 
 class MetricsLogger:
@@ -144,8 +141,9 @@ class MetricsLogger:
         """A resumed run rewrites the steps after its checkpoint, so each step is in the file exactly once."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        text = self.path.read_text()
+        complete = text[:text.rfind("\n") + 1]  # a line torn by a crash mid-write has no newline yet
+        kept = [line for line in complete.splitlines() if line.strip() and json.loads(line)["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import torch  # noqa: E402
 from recipes import checkpoint, data  # noqa: E402
 from recipes.config import Config, ConfigError, load_config  # noqa: E402
 from recipes.qwen3.attention import BACKENDS  # noqa: E402
-from recipes.qwen3.model import Qwen3Model, flavor_config  # noqa: E402
+from recipes.qwen3.hf import hf_config_to_qwen3  # noqa: E402
+from recipes.qwen3.model import Qwen3Config, Qwen3Model, flavor_config  # noqa: E402
 from recipes.qwen3.mutation import inject_varlen_layout_mistake  # noqa: E402
 
 MUTATION = "varlen (0.2.1 layout)"
@@ -58,8 +58,17 @@ def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
     return load_config(str(run_dir / "config.toml")), checkpoint_folder(run_dir, step)
 
 
+def model_config(config: Config, attention: str, eos_id: int) -> Qwen3Config:
+    """The trained shape: the flavor's, or, for a fine-tuning run, that of the HF checkpoint it started from."""
+    overrides = dict(attention=attention, mask=config.model.mask, eos_id=eos_id)
+    if config.model.init_from:
+        hf_config = json.loads((Path(config.model.init_from) / "config.json").read_text())
+        return hf_config_to_qwen3(hf_config, **overrides)
+    return flavor_config(config.model.flavor, **overrides)
+
+
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
-    cache_dir = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "qwen3-recipes"))
+    cache_dir = data.default_cache_dir()
     tokenizer = data.build_tokenizer(config.data, cache_dir)
     loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
                                    config.training.seed, cache_dir, heldout=True)
@@ -69,8 +78,7 @@ def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torc
     losses = {}
     for column in columns:
         attention = "varlen" if column == MUTATION else column
-        model = Qwen3Model(flavor_config(config.model.flavor, attention=attention, mask=config.model.mask,
-                                         eos_id=tokenizer.eos_id))
+        model = Qwen3Model(model_config(config, attention, tokenizer.eos_id))
         checkpoint.load_model_weights(folder, model)
         if column == MUTATION:
             inject_varlen_layout_mistake(model)

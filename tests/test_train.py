@@ -155,3 +155,13 @@ def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
     with pytest.raises(ConfigError, match="is not empty and holds no run of this recipe"):
         check_output_dir(tmp_path, sdpa)
     assert check_output_dir(tmp_path / "new", sdpa) is False
+
+
+def test_a_resumed_run_drops_later_metrics_and_a_line_torn_by_a_crash(tmp_path):
+    from recipes.config import Config
+    from recipes.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "loss": 9.0 - step}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo')
+    MetricsLogger(tmp_path, Config(), enabled=True, resume_step=2)
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
