@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 8 train.py --config configs/qwen3_varlen.toml [--section.key value ...]
     python train.py --config configs/qwen3_debug.toml          # one process, CPU or one GPU
 
-The recipe, top to bottom: config -> process group -> output folder -> tokenizer and data -> model (random or
-from an HF checkpoint) -> FSDP2 -> optimizer and LR schedule -> resume -> the loop (forward, loss, backward,
-clip, step, metrics, checkpoint). The parts live in recipes/.
+The recipe, top to bottom: config -> process group -> output folder (held) -> tokenizer and data -> model (built
+sharded, random or from an HF checkpoint) -> optimizer and LR schedule -> resume -> the loop (forward and loss,
+backward, clip, step, log, eval, checkpoint). The parts live in recipes/; docs/architecture.md is their map.
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from recipes import checkpoint, data, parallel
-from recipes.config import ConfigError, load_config
-from recipes.metrics import (MetricsLogger, attended_pairs, build_profiler, peak_flops, peak_memory_gib,
-                             torchtitan_flops, train_flops)
-from recipes.outputs import check_output_dir, record_config
-from recipes.qwen3.model import Qwen3Model, flavor_config
+from recipes import checkpoint, data, optim, outputs, parallel
+from recipes.config import check_fits, expand_path, load_config, model_shape
+from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from recipes.evaluation import validation_loss
+from recipes.flops import ThroughputWindow, peak_flops
+from recipes.hold import RunHold
+from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
 
 log = logging.getLogger("train")
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, run again (SLURM requeue) to continue
-NONFINITE_EXIT_CODE = 3
 
 
 class NonFiniteError(RuntimeError):
@@ -51,35 +48,7 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def build_model(config, tokenizer, device: torch.device) -> Qwen3Model:
-    if config.model.init_from:
-        from recipes.qwen3.hf import load_hf_checkpoint
-
-        model = load_hf_checkpoint(config.model.init_from, attention=config.model.attention,
-                                   mask=config.model.mask, eos_id=tokenizer.eos_id)
-        log.info("model: weights from %s (model.flavor ignored: the checkpoint's config.json sets the shape)",
-                 config.model.init_from)
-        return model.to(device)
-    model_config = flavor_config(config.model.flavor, attention=config.model.attention, mask=config.model.mask,
-                                 eos_id=tokenizer.eos_id)
-    with torch.device(device):
-        model = Qwen3Model(model_config)
-    model.init_weights(seed=config.training.seed)  # same seed on every rank: identical weights before sharding
-    return model
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="TOML file, e.g. configs/qwen3_debug.toml")
-    args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config, overrides)
-    t = config.training
-
-    dist_ = parallel.init_distributed()
+def setup_logging(dist_: parallel.Distributed) -> None:
     logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank{dist_.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     if (dist_.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -88,9 +57,24 @@ def main(argv: list[str]) -> int:
         # restarted ranks to dead peers' ports (pytorch/pytorch#135712).
         log.warning("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
                     "restart may fail to connect its ranks")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="TOML file, e.g. configs/qwen3_debug.toml")
+    args, overrides = parser.parse_known_args(argv)
+    config = load_config(args.config, overrides)
+    dist_ = parallel.init_distributed()
+    setup_logging(dist_)
     preemption = PreemptionFlag()
-    output_dir = Path(config.job.output_dir)
-    resuming = check_output_dir(output_dir, config)  # refuses a folder that holds a different run
+    output_dir = expand_path(config.job.output_dir)
+    with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
+        saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
+        return train(config, dist_, output_dir, saved, preemption)
+
+
+def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preemption: PreemptionFlag) -> int:
+    t, device = config.training, dist_.device
     torch.manual_seed(t.seed)
     parallel.set_deterministic(t.deterministic)
 
@@ -100,89 +84,71 @@ def main(argv: list[str]) -> int:
         tokenizer = data.build_tokenizer(config.data, cache_dir)
         loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,
                                        dist_.world_size, t.seed, cache_dir)
+        heldout = data.heldout_batches(config, tokenizer, dist_.rank, dist_.world_size, cache_dir)
+    shape = model_shape(config, tokenizer.eos_id)
+    check_fits(shape, t.seq_len, tokenizer)
 
-    model = build_model(config, tokenizer, dist_.device)
-    data.check_vocab(tokenizer, model.config.vocab_size)
-    if t.seq_len > model.config.max_seq_len:
-        raise ConfigError(f"training.seq_len: {t.seq_len} exceeds the model's max_seq_len "
-                          f"{model.config.max_seq_len}; lower it")
-    non_embedding_params = model.num_params(exclude_embeddings=True)
+    model = parallel.build_model(shape, t, config.model.init_from, device)
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
-             config.run_name, model.num_params() / 1e6, model.config.attention, model.config.mask,
-             config.data.dataset, tokenizer.name, dist_.world_size, dist_.device.type)
-    if t.activation_checkpoint:
-        parallel.apply_activation_checkpointing(model)
-    if t.compile:
-        parallel.apply_compile(model)
-    # Compiled, the loss never materialises the float32 copy of the (tokens, vocab) logits.
-    loss_fn = torch.compile(cross_entropy) if t.compile else cross_entropy
-    parallel.apply_fsdp(model, getattr(torch, t.dtype), dist_.device)
-
-    o = config.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay, fused=dist_.device.type == "cuda")
-    scheduler = parallel.build_lr_schedule(optimizer, o, t.steps)
+             config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
+             tokenizer.name, dist_.world_size, device.type)
+    optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
     checkpoints = output_dir / "checkpoints"
-    start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader) if resuming else 0
-    record_config(output_dir, config, dist_.is_main)  # every input, the checkpoint included, checked: now it writes
+    start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader, t.steps) if saved else 0
+    if start_step:
+        optim.apply_settings(optimizer, scheduler, config.optimizer)
+    # Every input, the checkpoint included, is checked: from here on the run writes.
     metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step)
-    peak = peak_flops(dist_.device)
+    outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, metrics.wandb_run)
+    peak = peak_flops(device)
+    throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
-    micro_batch = t.local_batch_size // t.grad_accum_steps
-    window_tokens, window_flops, window_tt_flops = 0, 0.0, 0.0
-    window_start = train_start = time.perf_counter()
+    train_start = time.perf_counter()
     step = start_step
     try:
         for step in range(start_step + 1, t.steps + 1):
-            rows = next(loader)
-            inputs, labels = rows[:, :-1], rows[:, 1:]
-            window_tokens += inputs.numel()
-            window_flops += train_flops(model.config, non_embedding_params, inputs.numel(),
-                                        attended_pairs(inputs, model.config.mask, model.config.eos_id))
-            window_tt_flops += torchtitan_flops(model.config, non_embedding_params, inputs.numel(), t.seq_len)
-            loss_sum = torch.zeros((), device=dist_.device)
-            for micro, (x, y) in enumerate(zip(inputs.split(micro_batch), labels.split(micro_batch))):
-                model.set_requires_gradient_sync(micro == t.grad_accum_steps - 1)  # reduce once per step
-                meta = model.build_meta(x, dist_.device)  # from the host copy: no device sync for the metadata
-                x, y = x.to(dist_.device, non_blocking=True), y.to(dist_.device, non_blocking=True)
-                loss = loss_fn(model(x, meta), y) / t.grad_accum_steps
-                loss.backward()
+            batch = next(loader)
+            throughput.add(batch)
+            labels = parallel.global_sum(batch.count_labels(), device)  # the loss is a mean over all of them
+            loss_sum = torch.zeros((), device=device)
+            micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
+            for micro, mb in enumerate(micro_batches):
+                model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
+                meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
+                loss = model(mb.inputs.to(device), meta, mb.labels.to(device)) * (dist_.world_size / labels)
+                loss.backward()  # FSDP averages gradients over ranks: scaled by world size, they sum to the mean's
                 loss_sum += loss.detach()
             grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
 
             # One host sync per step: mean loss over ranks, grad norm, and whether any rank was signalled.
             loss_value, grad_norm_value, preempted = parallel.step_stats(loss_sum, grad_norm,
                                                                           preemption.signal_name is not None)
-            if not (torch.isfinite(torch.tensor([loss_value, grad_norm_value])).all()):
+            if not torch.isfinite(torch.tensor([loss_value, grad_norm_value])).all():
                 message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
                 if not t.skip_nonfinite:
                     raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
                                                    "training.skip_nonfinite=true to skip such steps")
                 log.warning("%s: step skipped (training.skip_nonfinite)", message)
-                optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if profiler is not None:
                 profiler.step()
 
-            if step % config.metrics.log_every == 0 or step == t.steps or preempted:
-                now = time.perf_counter()
-                seconds = now - window_start
+            evaluate = config.eval.interval and (step % config.eval.interval == 0 or step == t.steps)
+            if step % config.metrics.log_every == 0 or step == t.steps or preempted or evaluate:
                 metrics.log({
                     "step": step,
                     "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm_value,
-                    "tokens_per_sec_per_gpu": window_tokens / seconds,
-                    "mfu": window_flops / seconds / peak if peak else None,
-                    "mfu_torchtitan": window_tt_flops / seconds / peak if peak else None,
-                    "peak_memory_gib": peak_memory_gib(dist_.device),
-                    "elapsed_s": now - train_start,
+                    **throughput.rates(peak),
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "elapsed_s": time.perf_counter() - train_start,
+                    **({"val_loss": validation_loss(model, heldout, device)} if evaluate else {}),
                 })
-                window_tokens, window_flops, window_tt_flops, window_start = 0, 0.0, 0.0, time.perf_counter()
 
             interval = config.checkpoint.interval
             if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):
@@ -205,7 +171,7 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ConfigError, NonFiniteError) as error:
+    except (UserError, NonFiniteError) as error:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigError) else NONFINITE_EXIT_CODE)
+        sys.exit(USER_ERROR_EXIT_CODE if isinstance(error, UserError) else NONFINITE_EXIT_CODE)

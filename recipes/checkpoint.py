@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from recipes.config import ConfigError
+from recipes.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / TRAIN_STATE).is_file())
+
+
+def find(root: Path, step: int | None = None) -> Path:
+    """The complete checkpoint of `step` under `root`, or the newest one; a UserError naming the fix if none."""
+    folders = complete_checkpoints(root)
+    if step is not None:
+        folders = [folder for folder in folders if folder == step_folder(root, step)]
+    if not folders:
+        raise UserError(f"{root.parent}: no complete checkpoint{'' if step is None else f' at step {step}'}; "
+                        f"train it first or pick --step from {root}")
+    return folders[-1]
 
 
 def _rng_state() -> dict:
@@ -135,15 +146,24 @@ class _DataOnlyPlanner(DefaultLoadPlanner):
 
 
 def _load_dcp(state: dict, folder: Path) -> None:
+    """Loads `state` in place from the DCP checkpoint `folder`; a damaged or foreign one is a UserError."""
     reader = _DataOnlyReader(folder)
-    reader.read_metadata()  # dcp.load swallows why metadata is unreadable and reports only "metadata is None"
-    dcp.load(state, storage_reader=reader, planner=_DataOnlyPlanner())
+    try:
+        reader.read_metadata()  # dcp.load swallows why metadata is unreadable and reports only "metadata is None"
+    except Exception as error:  # .metadata missing, truncated or not DCP's
+        raise _unloadable(folder, f".metadata: {_first_line(error)}") from None
+    try:
+        dcp.load(state, storage_reader=reader, planner=_DataOnlyPlanner())
+    except CheckpointException as error:  # a BaseException: what each rank raised is in .failures
+        raise _unloadable(folder, _first_line(next(iter(error.failures.values()))[0])) from None
+    except Exception as error:
+        raise _unloadable(folder, _first_line(error)) from None
 
 
-def _unloadable(folder: Path, reason: str) -> ConfigError:
-    return ConfigError(f"checkpoint.resume: {folder} cannot be loaded ({reason}); if it is damaged, move it out of "
-                       f"{folder.parent} to resume from the one before; if it is another run's, resume with the "
-                       f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir")
+def _unloadable(folder: Path, reason: str) -> UserError:
+    return UserError(f"checkpoint.resume: {folder} cannot be loaded ({reason}); if it is damaged, move it out of "
+                     f"{folder.parent} to resume from the one before; if it is another run's, resume with the "
+                     f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir")
 
 
 def _read_train_state(folder: Path) -> dict:
@@ -157,20 +177,19 @@ def _read_train_state(folder: Path) -> dict:
     return state
 
 
-def load_latest(root: Path, model, optimizer, scheduler, loader) -> int:
-    """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none)."""
+def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> int:
+    """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none).
+    Refuses one beyond `steps` (training.steps) before touching anything."""
     checkpoints = complete_checkpoints(root)
     if not checkpoints:
         return 0
     folder = checkpoints[-1]
     state = _read_train_state(folder)
+    if state["step"] > steps:
+        raise UserError(f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
+                        f"to at least {state['step']} to continue this run (nothing was changed)")
     model_state, optim_state = get_state_dict(model, optimizer)
-    try:
-        _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
-    except CheckpointException as error:  # a BaseException: what each rank raised is in .failures
-        raise _unloadable(folder, _first_line(next(iter(error.failures.values()))[0])) from None
-    except Exception as error:  # .metadata missing, truncated or not DCP's
-        raise _unloadable(folder, f".metadata: {_first_line(error)}") from None
+    _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["data"])

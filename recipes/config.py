@@ -1,7 +1,8 @@
 """TOML config -> typed dataclasses, with `--section.key value` overrides and validation.
 
-Every mistake a user can fix raises ConfigError with one line naming the field and the fix; train.py prints
-it and exits with code 2. docs/config.md documents every key.
+Every mistake a user can fix raises UserError with one line naming the field and the fix; train.py prints
+it and exits with code 2. docs/config.md documents every key. `model_shape` decides the model's shape (flavor or
+HF checkpoint) and `check_fits` whether it fits the data: train.py and the scripts call these, nothing else.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem with the configuration or the run's inputs (exit code 2)."""
+from recipes.errors import UserError
 
 
 @dataclass
@@ -31,6 +30,7 @@ class ModelConfig:
     attention: str = "sdpa"  # sdpa | flex | varlen
     mask: str = "document"  # causal | document
     init_from: str = ""  # HF Qwen3 checkpoint folder to fine-tune from; "" = random init
+    kernel: str = "auto"  # varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (flash-attn-4)
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # bfloat16 | float32: parameter/compute dtype; gradients reduce in float32
     compile: bool = False
-    activation_checkpoint: bool = False
+    activation_checkpoint: str = "none"  # none | full | selective (true/false are read as full/none)
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a step whose loss or grad norm is not finite instead of stopping
 
@@ -69,6 +69,13 @@ class DataConfig:
     tokenizer: str = "default"  # "default" (BPE trained on the default corpus), a tokenizer.json, folder or hub id
     vocab_size: int = 2048  # size of the default BPE tokenizer
     eos_token: str = ""  # "" = the tokenizer's own end-of-text token
+    mask_boundary_loss: bool = False  # ignore the label that predicts the first token of the next document
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # steps between validation losses on the held-out documents; 0 = never
+    batches: int = 4  # global batches of held-out rows per validation (the same rows every time)
 
 
 @dataclass
@@ -102,6 +109,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     job: JobConfig = field(default_factory=JobConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -112,6 +120,9 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+AC_MODES = ("none", "full", "selective")
+# Values earlier releases wrote, read as what they meant.
+_LEGACY_VALUES = {"training.activation_checkpoint": {True: "full", False: "none", "true": "full", "false": "none"}}
 
 
 def _suggestion(name: str, choices) -> str:
@@ -133,10 +144,10 @@ def _check_type(where: str, value, expected):
     if typing.get_origin(expected) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-        raise ConfigError(f"{where}: expected a list of strings, got {value!r}; write e.g. [\"a\", \"b\"]")
+        raise UserError(f"{where}: expected a list of strings, got {value!r}; write e.g. [\"a\", \"b\"]")
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
 def _parse_override(where: str, text: str, expected):
@@ -148,18 +159,22 @@ def _parse_override(where: str, text: str, expected):
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        raise ConfigError(f"{where}: cannot read {text!r} as {expected.__name__}") from None
+        raise UserError(f"{where}: cannot read {text!r} as {expected.__name__}") from None
     return _check_type(where, value, expected)
 
 
 def _apply(config: Config, section: str, key: str, value, from_cli: bool) -> None:
     if section not in _SECTIONS:
-        raise ConfigError(f"unknown section [{section}]{_closest(section, _SECTIONS)}")
+        raise UserError(f"unknown section [{section}]{_closest(section, _SECTIONS)}")
     types = _section_types(section)
     where = f"{section}.{key}"
     if key not in types:
-        raise ConfigError(f"unknown key {where}{_closest(key, types)}")
-    value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
+        raise UserError(f"unknown key {where}{_closest(key, types)}")
+    legacy = _LEGACY_VALUES.get(where, {})
+    if isinstance(value, (bool, str)) and value in legacy:  # not ints: 1 == True would match
+        value = legacy[value]
+    else:
+        value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
     setattr(getattr(config, section), key, value)
 
 
@@ -169,11 +184,11 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key value")
         name, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ConfigError(f"--{name}: missing value; write --{name} VALUE")
+                raise UserError(f"--{name}: missing value; write --{name} VALUE")
             value, i = argv[i + 1], i + 1
         section, _, key = name.partition(".")
         overrides.append((section, key, value))
@@ -187,12 +202,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"--config: file {path} not found; pass an existing TOML file, e.g. configs/qwen3_debug.toml") from None
+            raise UserError(f"--config: file {path} not found; pass an existing TOML file, e.g. configs/qwen3_debug.toml") from None
         except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"--config: {path} is not valid TOML ({error}); fix the line it names") from None
+            raise UserError(f"--config: {path} is not valid TOML ({error}); fix the line it names") from None
         for section, values in data.items():
             if not isinstance(values, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]{_closest(section, _SECTIONS)}")
+                raise UserError(f"{path}: top-level key {section!r} must be a [section]{_closest(section, _SECTIONS)}")
             for key, value in values.items():
                 _apply(config, section, key, value, from_cli=False)
     for section, key, value in parse_overrides(list(overrides)):
@@ -203,46 +218,94 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise UserError(message)
 
 
 def _choice(where: str, value: str, choices) -> None:
     _require(value in choices, f"{where}: {value!r} is not one of {', '.join(choices)}{_suggestion(value, choices)}")
 
 
+# Upper bounds that keep every size far inside what torch indexes and allocates (int32 sequence offsets, int64
+# seeds), so an absurd value is refused here instead of failing mid-startup.
+_MAX_COUNT = 2**31 - 1
+_MAX_SEED = 2**63 - 1
+
+
 def validate(config: Config) -> None:
-    """Checks that need no files or processes; data, tokenizer and world size are checked where they are built."""
-    from recipes.qwen3.attention import BACKENDS, MASKS
+    """Checks that need no files or processes; data, tokenizer and world size are checked where they are built,
+    and whether the model fits the data by `check_fits`."""
+    from recipes.qwen3.attention import BACKENDS, KERNELS, MASKS
     from recipes.qwen3.model import FLAVORS
 
-    m, t, o, c, x = config.model, config.training, config.optimizer, config.checkpoint, config.metrics
+    m, t, o, c, x, e = (config.model, config.training, config.optimizer, config.checkpoint, config.metrics,
+                        config.eval)
     _choice("model.flavor", m.flavor, FLAVORS)
     _choice("model.attention", m.attention, BACKENDS)
     _choice("model.mask", m.mask, MASKS)
+    _choice("model.kernel", m.kernel, KERNELS)
+    _require(m.kernel == "auto" or m.attention == "varlen",
+             f"model.kernel: {m.kernel!r} chooses among varlen's kernels; use \"auto\" with attention {m.attention!r}")
     _choice("training.dtype", t.dtype, ("bfloat16", "float32"))
+    _choice("training.activation_checkpoint", t.activation_checkpoint, AC_MODES)
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "sqrt"))
-    for where, value in [("training.steps", t.steps), ("training.seq_len", t.seq_len),
-                         ("training.local_batch_size", t.local_batch_size),
-                         ("training.grad_accum_steps", t.grad_accum_steps), ("metrics.log_every", x.log_every),
-                         ("checkpoint.keep", c.keep), ("data.vocab_size", config.data.vocab_size)]:
-        _require(value > 0, f"{where}: must be > 0, got {value}")
+    for where, value, low in [("training.steps", t.steps, 1), ("training.seq_len", t.seq_len, 1),
+                              ("training.local_batch_size", t.local_batch_size, 1),
+                              ("training.grad_accum_steps", t.grad_accum_steps, 1),
+                              ("training.seed", t.seed, 0), ("optimizer.warmup_steps", o.warmup_steps, 0),
+                              ("metrics.log_every", x.log_every, 1), ("checkpoint.keep", c.keep, 1),
+                              ("checkpoint.interval", c.interval, 0), ("data.vocab_size", config.data.vocab_size, 1),
+                              ("eval.interval", e.interval, 0), ("eval.batches", e.batches, 1)]:
+        high = _MAX_SEED if where == "training.seed" else _MAX_COUNT
+        _require(value >= low, f"{where}: must be {'> 0' if low else '>= 0'}, got {value}")
+        _require(value <= high, f"{where}: must be at most {high}, got {value}")
+    _require(t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
+             f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
+             "tokens per step; lower it or training.seq_len")
     _require(t.local_batch_size % t.grad_accum_steps == 0,
              f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
              f"{t.grad_accum_steps}; make it a multiple")
-    max_seq = FLAVORS[m.flavor].max_seq_len
-    # With init_from the checkpoint's config.json sets the shape; train.py checks seq_len against it.
-    _require(bool(m.init_from) or t.seq_len <= max_seq,
-             f"training.seq_len: {t.seq_len} exceeds flavor {m.flavor!r}'s max_seq_len {max_seq}; lower it")
+    for where, value in [("optimizer.lr", o.lr), ("optimizer.eps", o.eps), ("optimizer.weight_decay", o.weight_decay),
+                         ("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2),
+                         ("optimizer.min_lr_ratio", o.min_lr_ratio)]:
+        _require(math.isfinite(value), f"{where}: must be a finite number, got {value}")
+    _require(not math.isnan(t.max_grad_norm), "training.max_grad_norm: must be a number (inf disables clipping), "
+                                              "got nan")
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
-    _require(0 <= o.warmup_steps, f"optimizer.warmup_steps: must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     for where, value in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
         _require(0 <= value < 1, f"{where}: must be in [0, 1), got {value}")  # else AdamW raises mid-startup
     _require(o.eps >= 0, f"optimizer.eps: must be >= 0, got {o.eps}")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     _require(t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, got {t.max_grad_norm}")
-    _require(c.interval >= 0, f"checkpoint.interval: must be >= 0 (0 = only at the end), got {c.interval}")
     _require(bool(config.job.output_dir), "job.output_dir: must not be empty; name a folder for the run")
+
+
+def model_shape(config: Config, eos_id: int):
+    """The one place that decides the model's shape: the flavor's, or with model.init_from the HF checkpoint's
+    config.json. Returns a Qwen3Config with the run's attention backend, mask and kernel."""
+    from recipes.qwen3.hf import read_hf_config
+    from recipes.qwen3.model import flavor_config
+
+    m = config.model
+    overrides = dict(attention=m.attention, mask=m.mask, kernel=m.kernel, eos_id=eos_id)
+    if m.init_from:
+        return read_hf_config(expand_path(m.init_from), **overrides)
+    return flavor_config(m.flavor, **overrides)
+
+
+def check_fits(shape, seq_len: int, tokenizer) -> None:
+    """Does the model fit the data: rows no longer than the model's positions, token ids inside its vocabulary."""
+    _require(seq_len <= shape.max_seq_len,
+             f"training.seq_len: {seq_len} exceeds the model's max_seq_len {shape.max_seq_len}; lower it")
+    _require(tokenizer.vocab_size <= shape.vocab_size,
+             f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
+             f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
+             "(data.vocab_size for the default one)")
+
+
+def expand_path(path: str) -> Path:
+    """Every path a user gives (config keys, W&B dirs) is read the same way: `~` expanded."""
+    return Path(path).expanduser()
 
 
 def to_dict(config: Config) -> dict:

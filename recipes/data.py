@@ -17,13 +17,16 @@ import sysconfig
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 import torch
 
-from recipes.config import ConfigError, DataConfig
+from recipes.config import Config, DataConfig
+from recipes.errors import UserError
+from recipes.qwen3.model import IGNORE_INDEX
 
 DEFAULT_EOS = "<|endoftext|>"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -31,6 +34,8 @@ _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packag
 _CACHE_VERSION = "v1"  # bump when the cached tokenizer or token-file format changes
 _ENCODE_CHUNK = 256  # documents per encode_batch call: large enough for the Rust thread pool, small in memory
 _HUB_SHUFFLE_BUFFER = 10_000
+HASH_DIGITS = 16  # hex digits of a sha256 kept in cache names and stream identities: 64 bits, no collisions in practice
+_SHOWN_HASH_DIGITS = 8  # enough to tell corpora apart in a log line
 HELDOUT_EVERY = 20  # about 1 document in 20 is held out of training, chosen by a hash of its text
 
 
@@ -62,9 +67,9 @@ def stdlib_documents() -> Iterator[str]:
                 yield text
 
 
-def _missing_field(file: Path, text_field: str, keys) -> ConfigError:
-    return ConfigError(f"data.text_field: {text_field!r} is not a field of the records in {file} "
-                       f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text")
+def _missing_field(file: Path, text_field: str, keys) -> UserError:
+    return UserError(f"data.text_field: {text_field!r} is not a field of the records in {file} "
+                     f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text")
 
 
 def _records_text(file: Path, records: Iterable[dict], text_field: str) -> Iterator[str]:
@@ -96,8 +101,8 @@ def _file_documents(file: Path, text_field: str) -> Iterator[str]:
                 else:
                     yield from _records_text(file, (json.loads(line) for line in handle if line.strip()), text_field)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"data.dataset: {file} is not valid JSON lines ({error}); "
-                                  "fix the file or point data.dataset elsewhere") from None
+                raise UserError(f"data.dataset: {file} is not valid JSON lines ({error}); "
+                                "fix the file or point data.dataset elsewhere") from None
 
 
 def local_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -106,12 +111,12 @@ def local_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
-            raise ConfigError(f"data.dataset: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files; "
-                              "point it at a folder that does")
+            raise UserError(f"data.dataset: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files; "
+                            "point it at a folder that does")
     elif path.suffix.lower() in FILE_SUFFIXES:
         files = [path]
     else:
-        raise ConfigError(f"data.dataset: {path} is not a {'/'.join(FILE_SUFFIXES)} file; convert it or use a folder")
+        raise UserError(f"data.dataset: {path} is not a {'/'.join(FILE_SUFFIXES)} file; convert it or use a folder")
     for file in files:
         for text in _file_documents(file, text_field):
             if text is not None and text.strip():
@@ -127,8 +132,8 @@ def _local_source(data: DataConfig) -> Callable[[], Iterator[str]] | None:
         return None
     path = Path(data.dataset).expanduser()
     if not path.exists():
-        raise ConfigError(f"data.dataset: {data.dataset!r} does not exist; give \"stdlib\", a "
-                          f"{'/'.join(FILE_SUFFIXES)} file or folder, or \"hf:NAME\" for a hub dataset")
+        raise UserError(f"data.dataset: {data.dataset!r} does not exist; give \"stdlib\", a "
+                        f"{'/'.join(FILE_SUFFIXES)} file or folder, or \"hf:NAME\" for a hub dataset")
     return lambda: local_documents(path, data.text_field)
 
 
@@ -142,7 +147,7 @@ def corpus_hash(documents: Iterable[str]) -> str:
         digest.update(raw)
         count += 1
     if count == 0:
-        raise ConfigError("data.dataset: the corpus has no non-empty documents; point it at files with text")
+        raise UserError("data.dataset: the corpus has no non-empty documents; point it at files with text")
     return digest.hexdigest()
 
 
@@ -169,23 +174,23 @@ class Tokenizer:
     import on torch >= 2.13 without triton.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, eos_token: str, name: str):
-        eos_id = backend.token_to_id(eos_token)
+    def __init__(self, engine: tokenizers.Tokenizer, eos_token: str, name: str):
+        eos_id = engine.token_to_id(eos_token)
         if eos_id is None:
-            raise ConfigError(f"data.eos_token: {eos_token!r} is not a token of {name}; "
-                              "set data.eos_token to a token in its vocabulary")
-        self.backend, self.eos_token, self.eos_id, self.name = backend, eos_token, eos_id, name
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.hash = hashlib.sha256(f"{backend.to_str()}\0{eos_id}".encode()).hexdigest()
+            raise UserError(f"data.eos_token: {eos_token!r} is not a token of {name}; "
+                            "set data.eos_token to a token in its vocabulary")
+        self.engine, self.eos_token, self.eos_id, self.name = engine, eos_token, eos_id, name
+        self.vocab_size = engine.get_vocab_size(with_added_tokens=True)
+        self.hash = hashlib.sha256(f"{engine.to_str()}\0{eos_id}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.engine.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [encoding.ids for encoding in self.engine.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
+        return self.engine.decode(ids, skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name}, vocab {self.vocab_size}, eos {self.eos_token!r}={self.eos_id})"
@@ -193,27 +198,27 @@ class Tokenizer:
 
 def train_default_tokenizer(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
     """Byte-level BPE with DEFAULT_EOS as its one special token; the same documents give the same merges."""
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
+    engine = tokenizers.Tokenizer(tokenizers.models.BPE())
+    engine.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    engine.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[DEFAULT_EOS], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(documents, trainer)
-    return backend
+    engine.train_from_iterator(documents, trainer)
+    return engine
 
 
 def _default_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
     minimum = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 1
     if data.vocab_size < minimum:
-        raise ConfigError(f"data.vocab_size: {data.vocab_size} is below the byte-level minimum {minimum}; raise it")
+        raise UserError(f"data.vocab_size: {data.vocab_size} is below the byte-level minimum {minimum}; raise it")
     key = corpus_hash(stdlib_documents())
-    path = Path(cache_dir) / f"tokenizer-bpe{data.vocab_size}-stdlib-{key[:16]}-{_CACHE_VERSION}.json"
+    path = Path(cache_dir) / f"tokenizer-bpe{data.vocab_size}-stdlib-{key[:HASH_DIGITS]}-{_CACHE_VERSION}.json"
     if not path.exists():
-        backend = train_default_tokenizer(stdlib_documents(), data.vocab_size)
-        _write_atomic(path, lambda handle: handle.write(backend.to_str().encode()))
-    backend = tokenizers.Tokenizer.from_file(str(path))
-    return Tokenizer(backend, data.eos_token or DEFAULT_EOS, f"default BPE {data.vocab_size} (stdlib {key[:8]})")
+        engine = train_default_tokenizer(stdlib_documents(), data.vocab_size)
+        _write_atomic(path, lambda handle: handle.write(engine.to_str().encode()))
+    engine = tokenizers.Tokenizer.from_file(str(path))
+    return Tokenizer(engine, data.eos_token or DEFAULT_EOS, f"default BPE {data.vocab_size} (stdlib {key[:_SHOWN_HASH_DIGITS]})")
 
 
 def _config_eos(folder: Path) -> str:
@@ -226,17 +231,17 @@ def _config_eos(folder: Path) -> str:
 
 def _file_tokenizer(data: DataConfig, tokenizer_json: Path, name: str) -> Tokenizer:
     try:
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        engine = tokenizers.Tokenizer.from_file(str(tokenizer_json))
     except Exception as error:  # the Rust side raises a bare Exception for a malformed file
-        raise ConfigError(f"data.tokenizer: {tokenizer_json} is not a tokenizers JSON file ({error}); "
-                          "point it at a HF tokenizer.json") from None
+        raise UserError(f"data.tokenizer: {tokenizer_json} is not a tokenizers JSON file ({error}); "
+                        "point it at a HF tokenizer.json") from None
     eos = data.eos_token or _config_eos(tokenizer_json.parent)
     if not eos:
-        if backend.token_to_id(DEFAULT_EOS) is None:
-            raise ConfigError(f"data.eos_token: {name} names no end-of-text token and has no {DEFAULT_EOS!r}; "
-                              "set data.eos_token to the token that separates documents")
+        if engine.token_to_id(DEFAULT_EOS) is None:
+            raise UserError(f"data.eos_token: {name} names no end-of-text token and has no {DEFAULT_EOS!r}; "
+                            "set data.eos_token to the token that separates documents")
         eos = DEFAULT_EOS
-    return Tokenizer(backend, eos, name)
+    return Tokenizer(engine, eos, name)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -251,11 +256,11 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["tokenizer.json", "tokenizer_config.json"]))
     except RepositoryNotFoundError:
-        raise ConfigError(f"data.tokenizer: no hub repository {repo_id!r}; check the id, or give a tokenizer.json "
-                          "file or folder") from None
+        raise UserError(f"data.tokenizer: no hub repository {repo_id!r}; check the id, or give a tokenizer.json "
+                        "file or folder") from None
     except Exception as error:  # offline, the hub client raises several unrelated types (OSError, httpx, offline mode)
-        raise ConfigError(f"data.tokenizer: cannot load {repo_id!r} (not a file/folder, and the hub is unreachable: "
-                          f"{type(error).__name__}); give a local tokenizer.json or folder, or \"default\"") from None
+        raise UserError(f"data.tokenizer: cannot load {repo_id!r} (not a file/folder, and the hub is unreachable: "
+                        f"{type(error).__name__}); give a local tokenizer.json or folder, or \"default\"") from None
 
 
 def default_cache_dir() -> Path:
@@ -274,22 +279,15 @@ def build_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
         return _file_tokenizer(data, path, str(path))
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"data.tokenizer: folder {path} has no tokenizer.json; point it at one that does")
+            raise UserError(f"data.tokenizer: folder {path} has no tokenizer.json; point it at one that does")
         return _file_tokenizer(data, path / "tokenizer.json", str(path))
     if _looks_like_path(spec):
-        raise ConfigError(f"data.tokenizer: {spec!r} does not exist; give a tokenizer.json, a folder, a hub id "
-                          "or \"default\"")
+        raise UserError(f"data.tokenizer: {spec!r} does not exist; give a tokenizer.json, a folder, a hub id "
+                        "or \"default\"")
     folder = _hub_tokenizer_folder(spec)
     if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"data.tokenizer: hub repository {spec!r} has no tokenizer.json; use one that has")
+        raise UserError(f"data.tokenizer: hub repository {spec!r} has no tokenizer.json; use one that has")
     return _file_tokenizer(data, folder / "tokenizer.json", spec)
-
-
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    if tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError(f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {model_vocab_size} "
-                          f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
-                          "(data.vocab_size for the default one)")
 
 
 # ----------------------------------------------------------------------------------------------- token streams
@@ -326,8 +324,10 @@ class CorpusTokens:
             self._layout_epoch = epoch
         return self._order, self._starts
 
-    def take(self, count: int) -> np.ndarray:
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` tokens, and a bool array marking the tokens that begin a document."""
         out = np.empty(count, dtype=np.uint32)
+        begins = np.zeros(count, dtype=bool)
         filled = 0
         while filled < count:
             epoch, within = divmod(self.position + filled, self.num_tokens)
@@ -337,9 +337,10 @@ class CorpusTokens:
             begin = int(self.offsets[document]) + within - int(starts[k])
             n = min(count - filled, int(self.offsets[document + 1]) - begin)
             out[filled:filled + n] = self.tokens[begin:begin + n]
+            begins[filled] = begin == self.offsets[document]
             filled += n
         self.position += count
-        return out
+        return out, begins
 
     def state_dict(self) -> dict:
         return {"tokens_consumed": self.position}
@@ -376,10 +377,10 @@ class StreamedTokens:
                     yielded += 1
                     yield epoch, index, text
             if index < 0:
-                raise ConfigError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
+                raise UserError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
             if not yielded and not skip:  # else the next epoch would be as empty, forever
-                raise ConfigError(f"data.dataset: {self.name} has no {'held-out' if self.heldout else 'training'} "
-                                  f"documents with text in {self.text_field!r}; check data.text_field and data.split")
+                raise UserError(f"data.dataset: {self.name} has no {'held-out' if self.heldout else 'training'} "
+                                f"documents with text in {self.text_field!r}; check data.text_field and data.split")
             epoch, skip = epoch + 1, 0
 
     def _seek(self, epoch: int, document: int, offset: int) -> None:
@@ -396,21 +397,24 @@ class StreamedTokens:
             self._buffer.append((epoch, index, tokens))
             self._buffered += len(tokens)
 
-    def take(self, count: int) -> np.ndarray:
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` tokens, and a bool array marking the tokens that begin a document."""
         while self._buffered < count:
             self._read_chunk()
         out = np.empty(count, dtype=np.uint32)
+        begins = np.zeros(count, dtype=bool)
         filled = 0
         while filled < count:
             tokens = self._buffer[0][2]
             n = min(count - filled, len(tokens) - self._head_offset)
             out[filled:filled + n] = tokens[self._head_offset:self._head_offset + n]
+            begins[filled] = self._head_offset == 0
             filled, self._head_offset = filled + n, self._head_offset + n
             if self._head_offset == len(tokens):
                 self._buffer.popleft()
                 self._head_offset = 0
         self._buffered -= count
-        return out
+        return out, begins
 
     def state_dict(self) -> dict:
         if not self._buffer:
@@ -425,18 +429,39 @@ class StreamedTokens:
 # ----------------------------------------------------------------------------------------------- loader
 
 
+@dataclass
+class Batch:
+    """This process's rows of one step: `inputs` and `labels` (rows, seq_len) int64, and `document_starts`
+    (rows, seq_len) bool, True at each input token that begins a document. The loader, which packed the documents,
+    is the one source of where they begin: nothing looks for EOS ids (a document may contain the EOS id, and
+    chat data ends turns with it)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    document_starts: torch.Tensor
+
+    def split(self, rows: int) -> list[Batch]:
+        """Micro-batches of `rows` rows each."""
+        parts = (t.split(rows) for t in (self.inputs, self.labels, self.document_starts))
+        return [Batch(*part) for part in zip(*parts)]
+
+    def count_labels(self) -> int:
+        """Labels the loss counts (those that are not IGNORE_INDEX)."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
 class PackedLoader:
-    """Yields this rank's (local_batch_size, seq_len+1) int64 rows of the world-size-independent global stream.
+    """Yields this rank's Batch of local_batch_size rows of the world-size-independent global stream.
 
     An iterator of its own rather than torch's (or torchdata's Stateful) DataLoader: the whole state is a stream
     position, and worker processes would only add state to thread through checkpoints.
     """
 
     def __init__(self, stream: CorpusTokens | StreamedTokens, identity: dict, seq_len: int,
-                 local_batch_size: int, rank: int, world_size: int):
+                 local_batch_size: int, rank: int, world_size: int, mask_boundary_loss: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.stream, self.identity = stream, identity
+        self.stream, self.identity, self.mask_boundary_loss = stream, identity, mask_boundary_loss
         self.row_len, self.local_batch_size, self.rank = seq_len + 1, local_batch_size, rank
         self.global_batch_size = local_batch_size * world_size
         self.num_documents, self.num_tokens = stream.num_documents, stream.num_tokens
@@ -444,10 +469,15 @@ class PackedLoader:
     def __iter__(self) -> PackedLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
-        rows = self.stream.take(self.global_batch_size * self.row_len).reshape(self.global_batch_size, self.row_len)
-        mine = rows[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
-        return torch.from_numpy(mine.astype(np.int64))
+    def __next__(self) -> Batch:
+        shape = (self.global_batch_size, self.row_len)
+        tokens, begins = (a.reshape(shape) for a in self.stream.take(shape[0] * shape[1]))
+        mine = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+        rows, starts = torch.from_numpy(tokens[mine].astype(np.int64)), torch.from_numpy(begins[mine])
+        labels = rows[:, 1:].clone()
+        if self.mask_boundary_loss:  # the label at a document's last token (its EOS) is the next one's first token
+            labels[starts[:, 1:]] = IGNORE_INDEX
+        return Batch(rows[:, :-1], labels, starts[:, :-1])
 
     def state_dict(self) -> dict:
         """JSON-serialisable; the same on every rank, since the position is in the global stream."""
@@ -456,16 +486,16 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         for field, value in self.identity.items():
             if state.get(field) != value:
-                raise ConfigError(f"{field}: the checkpoint's data stream was made with {state.get(field)!r}, this run "
-                                  f"has {value!r}; resume with the same setting, or use a new job.output_dir")
+                raise UserError(f"{field}: the checkpoint's data stream was made with {state.get(field)!r}, this run "
+                                f"has {value!r}; resume with the same setting, or use a new job.output_dir")
         self.stream.load_state_dict(state)
 
 
 def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer,
                    cache_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Tokenize once per machine: the arrays are cached as .npy files keyed by corpus and tokenizer hash."""
-    corpus_key = corpus_hash(documents())[:16]
-    key = f"{corpus_key}-{tokenizer.hash[:16]}-{_CACHE_VERSION}"
+    corpus_key = corpus_hash(documents())[:HASH_DIGITS]
+    key = f"{corpus_key}-{tokenizer.hash[:HASH_DIGITS]}-{_CACHE_VERSION}"
     tokens_path = Path(cache_dir) / f"corpus-{key}.tokens.npy"
     offsets_path = Path(cache_dir) / f"corpus-{key}.offsets.npy"
     if not (tokens_path.exists() and offsets_path.exists()):
@@ -496,9 +526,20 @@ def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local
     # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
     # The global batch too: the stream is world-size free, but the same checkpoint read with more rows per step
     # (more ranks, same local batch) would continue a different run.
-    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:16], "training.seed": seed,
+    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:HASH_DIGITS], "training.seed": seed,
                 "world size x training.local_batch_size": world_size * local_batch_size}
-    return PackedLoader(stream, identity, seq_len, local_batch_size, rank, world_size)
+    return PackedLoader(stream, identity, seq_len, local_batch_size, rank, world_size, data.mask_boundary_loss)
+
+
+def heldout_batches(config: Config, tokenizer: Tokenizer, rank: int, world_size: int, cache_dir: Path) -> list[Batch]:
+    """[eval] batches global batches of held-out rows (this rank's share of each), read once: every evaluation
+    sees the same rows, whatever the world size. None are read when [eval] interval is 0."""
+    if not config.eval.interval:
+        return []
+    t = config.training
+    loader = build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, rank, world_size, t.seed,
+                              cache_dir, heldout=True)
+    return [next(loader) for _ in range(config.eval.batches)]
 
 
 def _hub_dataset(name: str, data: DataConfig):
@@ -508,9 +549,9 @@ def _hub_dataset(name: str, data: DataConfig):
         return datasets.load_dataset(name, data.dataset_config or None, split=data.split, streaming=True)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as error:
         if isinstance(error, ConnectionError) or "offline" in str(error).lower():
-            raise ConfigError(f"data.dataset: cannot reach the HF hub for {name!r}; connect, or give a local "
-                              ".jsonl/.parquet/.txt file or folder, or \"stdlib\"") from None
-        raise ConfigError(f"data.dataset: {name!r} not found on the HF hub ({error}); check the name") from None
+            raise UserError(f"data.dataset: cannot reach the HF hub for {name!r}; connect, or give a local "
+                            ".jsonl/.parquet/.txt file or folder, or \"stdlib\"") from None
+        raise UserError(f"data.dataset: {name!r} not found on the HF hub ({error}); check the name") from None
     except ValueError as error:  # "Bad split: ..." or "BuilderConfig 'x' not found. Available: [...]"
         field = "data.split" if "split" in str(error).lower() else "data.dataset_config"
-        raise ConfigError(f"{field}: {name!r}: {error}; pick one it lists") from None
+        raise UserError(f"{field}: {name!r}: {error}; pick one it lists") from None

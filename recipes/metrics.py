@@ -1,4 +1,4 @@
-"""metrics.jsonl, Weights & Biases and the console line, fed from one place; FLOPs and MFU.
+"""metrics.jsonl, Weights & Biases and the console line, fed from one place.
 
 Every number that goes to W&B also goes to metrics.jsonl: `MetricsLogger.log` writes both from the same dict.
 """
@@ -17,21 +17,8 @@ from pathlib import Path
 import torch
 
 from recipes.config import to_dict
-from recipes.qwen3.attention import document_ids
-from recipes.qwen3.model import Qwen3Config
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak, per GPU, from the vendors' datasheets (without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory reserved by the caching allocator (what torchtitan reports), or on CPU the peak RSS."""
@@ -42,30 +29,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def attended_pairs(tokens: torch.Tensor, mask: str, eos_id: int) -> int:
-    """(query, key) pairs the mask lets attention compute, summed over the batch rows."""
-    batch, seq = tokens.shape
-    if mask == "causal":
-        return batch * seq * (seq + 1) // 2
-    lengths = torch.bincount((document_ids(tokens, eos_id) + torch.arange(batch)[:, None] * seq).flatten())
-    lengths = lengths[lengths > 0].to(torch.int64)
-    return int((lengths * (lengths + 1) // 2).sum())
+# A server that has not answered in this long is treated as down: a live one answers in well under a second, and
+# every second here is one more before training starts.
+WANDB_PROBE_TIMEOUT_S = 3.0
+# How long wandb.init may take once the server answered (its own default is longer and retries through it).
+WANDB_INIT_TIMEOUT_S = 30
 
 
-def train_flops(config: Qwen3Config, non_embedding_params: int, tokens: int, pairs: int) -> float:
-    """Useful training FLOPs (forward + backward = 3x forward): 6 per parameter per token for the matmuls, and
-    4·heads·head_dim per attended (query, key) pair and layer for QK^T and PV, times 3."""
-    return 6.0 * non_embedding_params * tokens + 12.0 * config.n_layers * config.n_heads * config.head_dim * pairs
-
-
-def torchtitan_flops(config: Qwen3Config, non_embedding_params: int, tokens: int, seq_len: int) -> float:
-    """torchtitan's convention: every token attends to the full seq_len (no causal halving, no documents)."""
-    return (6.0 * non_embedding_params + 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len) * tokens
-
-
-def _wandb_server_problem(timeout: float = 3.0) -> str | None:
+def _wandb_server_problem(timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
     """What keeps the W&B server from taking a run, or None if it answers. Asked here because wandb.init retries
-    a server that does not answer, or answers 5xx, for its whole init_timeout (30 s) before giving up."""
+    a server that does not answer, or answers 5xx, for its whole init_timeout before giving up."""
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
     request = urllib.request.Request(f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}',
                                      headers={"Content-Type": "application/json"})
@@ -117,7 +90,7 @@ def start_wandb(config, output_dir: Path):
             tags=m.wandb_tags or None,
             config=to_dict(config),
             dir=str(output_dir),
-            settings=wandb.Settings(init_timeout=30, x_disable_stats=True),
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, x_disable_stats=True),
         )
     except Exception as error:  # W&B must never stop training: metrics.jsonl stays the record
         log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, str(error).splitlines()[0][:200])
@@ -175,6 +148,8 @@ def console_line(row: dict) -> str:
     if row.get("mfu") is not None:
         parts.append(f"mfu {row['mfu']:.1%} (tt {row['mfu_torchtitan']:.1%})")
     parts.append(f"mem {row['peak_memory_gib']:.2f} GiB")
+    if row.get("val_loss") is not None:
+        parts.append(f"val_loss {row['val_loss']:.4f}")
     return " | ".join(parts)
 
 

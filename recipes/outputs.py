@@ -1,62 +1,107 @@
-"""The run's output folder: refuse one that holds a different run, then record the resolved config."""
+"""The run's output folder: what must match to resume it (stated once, here), the config history, and the
+resolved config.
+
+Every config key is in exactly one of two sets (a test checks that a new key is classified):
+- DEFINES_RUN: the model's shape and initialisation, the data and tokenizer, the seed and the row length. A
+  folder holding a run with other values is refused: continuing it would be a different run.
+- MAY_CHANGE: how the run is trained and watched from here on: learning rate and schedule, the attention
+  backend and kernel (checkpoints are portable between them), the mask, logging, eval and checkpoint intervals,
+  and steps (upward: fewer steps than the checkpoint's is refused). A change is recorded in
+  <output_dir>/config_history.jsonl, one line in the log, and the W&B run's config.
+What the checkpoint itself must match (the data stream's content, the global batch of rows) is checked against the
+checkpoint when it loads (recipes.data.PackedLoader.load_state_dict): that is about files and world size, not
+config keys.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import os
 from pathlib import Path
 
 import torch.distributed as dist
 
-from recipes.config import Config, ConfigError, load_config, to_dict, to_toml
+from recipes.config import Config, load_config, to_dict, to_toml
+from recipes.errors import UserError
 
-# What makes a run the same run: changing any of these would continue a different loss curve.
-IDENTITY = {
-    "model": None,  # every key
-    "data": None,
-    "optimizer": None,
-    "training": ("seq_len", "local_batch_size", "grad_accum_steps", "seed", "dtype", "max_grad_norm"),
-}
+log = logging.getLogger(__name__)
+
+DEFINES_RUN = frozenset({
+    "model.flavor", "model.init_from",
+    "training.seq_len", "training.seed", "training.dtype",
+    "data.dataset", "data.dataset_config", "data.split", "data.text_field", "data.tokenizer", "data.vocab_size",
+    "data.eos_token",
+})
+MAY_CHANGE = frozenset({
+    "model.attention", "model.mask", "model.kernel",
+    "training.steps", "training.local_batch_size", "training.grad_accum_steps", "training.max_grad_norm",
+    "training.compile", "training.activation_checkpoint", "training.deterministic", "training.skip_nonfinite",
+    "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
+    "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
+    "data.mask_boundary_loss",
+    "eval.interval", "eval.batches",
+    "checkpoint.enable", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep",
+    "job.output_dir", "job.name",
+    "metrics.log_every", "metrics.wandb", "metrics.wandb_project", "metrics.wandb_entity", "metrics.wandb_group",
+    "metrics.wandb_tags", "metrics.profile",
+})
+SAVED_CONFIG = "config.toml"
+CONFIG_HISTORY = "config_history.jsonl"
 
 
-def _identity_differences(saved: Config, current: Config) -> list[str]:
-    saved_dict, current_dict = to_dict(saved), to_dict(current)
-    differences = []
-    for section, keys in IDENTITY.items():
-        for key in keys or saved_dict[section]:
-            if saved_dict[section][key] != current_dict[section][key]:
-                differences.append(f"{section}.{key}: {saved_dict[section][key]!r} there, {current_dict[section][key]!r} now")
-    return differences
+def config_keys(config: Config) -> dict[str, object]:
+    """{"section.key": value} for every key of the config."""
+    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()}
 
 
-def check_output_dir(output_dir: Path, config: Config) -> bool:
-    """Refuses a folder holding another run; returns whether this run resumes what the folder holds."""
+def differences(saved: Config, current: Config, keys: frozenset[str]) -> dict[str, tuple]:
+    before, after = config_keys(saved), config_keys(current)
+    return {key: (before[key], after[key]) for key in sorted(keys) if before[key] != after[key]}
+
+
+def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] = ()) -> Config | None:
+    """Refuses a folder holding another run; returns the config of the run it holds (to be resumed), or None for a
+    new run. `ignore` names files that do not count as contents (the run's hold)."""
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
     if not existing.is_dir():
-        raise ConfigError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
-    saved_path = output_dir / "config.toml"
-    resuming = False
+        raise UserError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
+    saved_path = output_dir / SAVED_CONFIG
     if saved_path.is_file():
-        differences = _identity_differences(load_config(str(saved_path)), config)
-        if differences:
-            raise ConfigError(f"job.output_dir: {output_dir} holds a different run ({differences[0]}); choose a new "
-                              f"job.output_dir")
+        saved = load_config(str(saved_path))
+        changed = differences(saved, config, DEFINES_RUN)
+        if changed:
+            key, (there, now) = next(iter(changed.items()))
+            raise UserError(f"job.output_dir: {output_dir} holds a different run ({key}: {there!r} there, {now!r} "
+                            "now); choose a new job.output_dir")
         if not config.checkpoint.resume:
-            raise ConfigError(f"job.output_dir: {output_dir} already holds this run; set --checkpoint.resume true "
-                              f"to continue it, or choose a new job.output_dir")
-        resuming = True
-    elif output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ConfigError(f"job.output_dir: {output_dir} is not empty and holds no run of this recipe; choose a new "
-                          f"or empty folder")
-    return resuming
+            raise UserError(f"job.output_dir: {output_dir} already holds this run; set --checkpoint.resume true "
+                            "to continue it, or choose a new job.output_dir")
+        return saved
+    if output_dir.is_dir() and any(p.name not in ignore for p in output_dir.iterdir()):
+        raise UserError(f"job.output_dir: {output_dir} is not empty and holds no run of this recipe; choose a new "
+                        "or empty folder")
+    return None
 
 
-def record_config(output_dir: Path, config: Config, is_main: bool) -> None:
-    """Writes <output_dir>/config.toml, once every input has been checked (bad input writes nothing)."""
-    saved_path = output_dir / "config.toml"
+def record_config(output_dir: Path, config: Config, saved: Config | None, step: int, is_main: bool,
+                  wandb_run=None) -> None:
+    """Writes <output_dir>/config.toml once every input has been checked (bad input writes nothing); on a resume
+    with changed keys, first appends the change to config_history.jsonl and says it in the log and in W&B."""
     dist.barrier()
     if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved_path.with_suffix(".toml.tmp")
+        changed = {} if saved is None else differences(saved, config, MAY_CHANGE - {"job.output_dir"})
+        if changed:
+            entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step": step,
+                     "changed": {key: {"from": there, "to": now} for key, (there, now) in changed.items()}}
+            with open(output_dir / CONFIG_HISTORY, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            log.warning("resume at step %d with changed settings: %s", step,
+                        ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
+            if wandb_run is not None:
+                wandb_run.config.update({key: now for key, (_, now) in changed.items()}, allow_val_change=True)
+        tmp = output_dir / f".{SAVED_CONFIG}.tmp"
         tmp.write_text(to_toml(config))
-        os.replace(tmp, saved_path)
+        os.replace(tmp, output_dir / SAVED_CONFIG)
     dist.barrier()

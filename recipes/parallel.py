@@ -1,4 +1,5 @@
-"""Process group, FSDP2 wrapping, activation checkpointing and compilation.
+"""Process group, and the model built for it: meta device -> activation checkpointing -> compile -> FSDP2 ->
+materialised shards -> initialised (or HF) weights.
 
 The same code runs on CUDA with NCCL and on CPU with gloo; a plain `python train.py` gets a one-process group,
 so world size 1 and N take the same path.
@@ -16,6 +17,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from recipes.config import TrainingConfig
+from recipes.qwen3.attention import ATTENTION_OPS
+from recipes.qwen3.hf import load_hf_weights
+from recipes.qwen3.model import Qwen3Config, Qwen3Model
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +29,6 @@ log = logging.getLogger(__name__)
 class Distributed:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -38,21 +43,43 @@ def init_distributed() -> Distributed:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if use_cuda else "gloo"
+    communication = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=device if use_cuda else None)
+            dist.init_process_group(communication, device_id=device if use_cuda else None)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
+            dist.init_process_group(communication, store=dist.HashStore(), rank=0, world_size=1)
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each transformer block in backward (torchtitan's full AC, block by block)."""
+def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device) -> Qwen3Model:
+    """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2, and only
+    then materialised, so each rank allocates its shards alone; weights from training.seed (identical to an
+    unsharded init, whatever the world size) or from the HF checkpoint `init_from`, read shard by shard."""
+    with torch.device("meta"):
+        model = Qwen3Model(shape)
+    if training.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, training.activation_checkpoint)
+    if training.compile:
+        apply_compile(model)
+    apply_fsdp(model, getattr(torch, training.dtype), device)
+    model.to_empty(device=device)
+    model.init_weights(seed=training.seed)
+    if init_from:
+        load_hf_weights(model, init_from)
+        log.info("model: weights from %s (its config.json sets the shape)", init_from)
+    return model
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """torchtitan's activation checkpointing, block by block: "full" recomputes each block in backward;
+    "selective" (torchtitan's per-op SAC) saves the matmul outputs (every second one, as torchtitan does) and every
+    attention backend's kernel output, and recomputes the rest (norms, activations, RoPE)."""
     from torchtitan.config.job_config import ActivationCheckpoint
     from torchtitan.distributed.activation_checkpoint import apply_ac
 
-    apply_ac(model, ActivationCheckpoint(mode="full"))
+    save = {torch.ops.aten.mm.default, torch.ops._c10d_functional.reduce_scatter_tensor.default, *ATTENTION_OPS}
+    apply_ac(model, ActivationCheckpoint(mode=mode, selective_ac_option="op"), op_sac_save_list=save)
 
 
 def apply_compile(model: torch.nn.Module) -> None:
@@ -95,19 +122,16 @@ def main_rank_first():
         dist.barrier()
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, optimizer_config, steps: int):
-    """torchtitan's linear warmup then decay (cosine, linear or sqrt) to lr * min_lr_ratio, as a LambdaLR."""
-    from torchtitan.components.lr_scheduler import build_lr_schedulers
-    from torchtitan.config.job_config import LRScheduler
-
-    schedule = LRScheduler(warmup_steps=optimizer_config.warmup_steps, decay_type=optimizer_config.decay,
-                           min_lr_factor=optimizer_config.min_lr_ratio)
-    return build_lr_schedulers([optimizer], schedule, steps).schedulers[0]
-
-
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def global_sum(count: int, device: torch.device) -> int:
+    """The sum of an integer over all ranks."""
+    total = torch.tensor(count, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total)
 
 
 def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool) -> tuple[float, float, bool]:

@@ -2,7 +2,7 @@
 
 Every reader returns the same shape: one dict per logged step, sorted by step, with the int key "step" and the
 metric keys train.py logs (loss, lr, grad_norm, ...). W&B's own bookkeeping keys (_runtime, _step, ...) are dropped.
-Problems a user can fix raise ConfigError with one line naming the run and the fix (exit code 2 in the scripts).
+Problems a user can fix raise UserError with one line naming the run and the fix (exit code 2 in the scripts).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.config import ConfigError, tomllib
+from recipes.config import tomllib
+from recipes.errors import UserError
 
 WANDB_API_PREFIX = "wandb:"
 
@@ -29,7 +30,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """Rows of <run_dir>/metrics.jsonl, sorted by step."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: no metrics.jsonl there; pass the output_dir of a train.py run")
+        raise UserError(f"{run_dir}: no metrics.jsonl there; pass the output_dir of a train.py run")
     text = path.read_text()
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
@@ -42,9 +43,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{number}: not a JSON line ({error.msg}); fix or delete that line") from None
+            raise UserError(f"{path}:{number}: not a JSON line ({error.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ConfigError(f"{path}:{number}: a metrics line needs an integer 'step'; fix or delete that line")
+            raise UserError(f"{path}:{number}: a metrics line needs an integer 'step'; fix or delete that line")
         rows.append(row)
     return _by_step(rows)
 
@@ -62,7 +63,7 @@ def _wandb_records(path: Path) -> list[dict]:
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise ConfigError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb file")
+        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb file")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -93,8 +94,8 @@ def _wandb_log_file(path: Path) -> Path:
         return path
     logs = sorted(path.glob("run-*.wandb")) if path.is_dir() else []
     if len(logs) != 1:
-        raise ConfigError(f"{path}: expected one run-*.wandb file there, found {len(logs)}; "
-                          "pass one wandb/offline-run-* folder or its .wandb file")
+        raise UserError(f"{path}: expected one run-*.wandb file there, found {len(logs)}; "
+                        "pass one wandb/offline-run-* folder or its .wandb file")
     return logs[0]
 
 
@@ -119,7 +120,7 @@ def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
     import wandb
 
     if run_path.count("/") != 2 or not all(run_path.split("/")):
-        raise ConfigError(f"{WANDB_API_PREFIX}{run_path}: a W&B run is named wandb:ENTITY/PROJECT/RUN_ID")
+        raise UserError(f"{WANDB_API_PREFIX}{run_path}: a W&B run is named wandb:ENTITY/PROJECT/RUN_ID")
     try:
         api_run = wandb.Api(timeout=30).run(run_path)
         rows = []
@@ -129,8 +130,8 @@ def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
             rows.append(row)
     except (wandb.errors.Error, ValueError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({reason}); "
-                          "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder") from None
+        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({reason}); "
+                        "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder") from None
     return api_run, _by_step(rows)
 
 
@@ -146,7 +147,7 @@ def _config_toml_attention(run_dir: Path) -> str | None:
     try:
         return _attention(tomllib.loads(path.read_text()))
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error}); fix it or remove it") from None
+        raise UserError(f"{path}: not valid TOML ({error}); fix it or remove it") from None
 
 
 def load_run(source: str) -> Run:
@@ -157,7 +158,7 @@ def load_run(source: str) -> Run:
         return Run(_attention(dict(api_run.config)) or api_run.name, source, rows)
     path = Path(source)
     if not path.exists():
-        raise ConfigError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or wandb:ENTITY/PROJECT/RUN_ID")
+        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or wandb:ENTITY/PROJECT/RUN_ID")
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         return Run(_config_toml_attention(path) or path.resolve().name, source, read_metrics(path))
     if path.suffix == ".wandb" or (path.is_dir() and any(path.glob("run-*.wandb"))):
@@ -165,5 +166,5 @@ def load_run(source: str) -> Run:
         run_record = next((record["run"] for record in records if record.get("type") == "run"), {})
         label = _attention(_wandb_config(records)) or run_record.get("display_name") or path.resolve().name
         return Run(label, source, _history_rows(records))
-    raise ConfigError(f"{source}: neither metrics.jsonl nor a run-*.wandb file there; "
-                      "pass a train.py output dir, a wandb/offline-run-* folder or wandb:ENTITY/PROJECT/RUN_ID")
+    raise UserError(f"{source}: neither metrics.jsonl nor a run-*.wandb file there; "
+                    "pass a train.py output dir, a wandb/offline-run-* folder or wandb:ENTITY/PROJECT/RUN_ID")

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # backend-mask-seq_len-(compile|eager); local batch keeps 16k tokens per GPU per step.
 DEFAULT_CASES = [

@@ -18,12 +18,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any cwd: find recipes/
 
-from matplotlib.figure import Figure  # noqa: E402  (the object API needs no pyplot backend, so no display)
+from matplotlib.figure import Figure  # the object API needs no pyplot backend, so no display
 
-from recipes.config import ConfigError  # noqa: E402
-from recipes.runs import WANDB_API_PREFIX, Run, load_run  # noqa: E402
+from recipes.errors import UserError
+from recipes.runs import WANDB_API_PREFIX, Run, load_run
 
 METRIC = "loss"
 # 1.5 × the noise floor measured on 2×H100 (docs/results/gpu-proof): two varlen runs of configs/qwen3_varlen.toml,
@@ -109,13 +108,13 @@ def unique_labels(runs: list[Run]) -> None:
             for run in twins:
                 run.label = f"{label} ({Path(run.source.removeprefix(WANDB_API_PREFIX)).name})"
     if len({run.label for run in runs}) < len(runs):
-        raise ConfigError("two RUNs have the same label; name them with --labels a,b,...")
+        raise UserError("two RUNs have the same label; name them with --labels a,b,...")
 
 
 def losses(run: Run) -> dict[int, float]:
     values = {row["step"]: float(row[METRIC]) for row in run.rows if row.get(METRIC) is not None}
     if not values:
-        raise ConfigError(f"{run.source}: no '{METRIC}' logged; pass a run that logged at least one step")
+        raise UserError(f"{run.source}: no '{METRIC}' logged; pass a run that logged at least one step")
     return values
 
 
@@ -141,8 +140,8 @@ def compare_pair(a: Run, b: Run, skip_steps: int, max_tolerance: float, mean_tol
     loss_a, loss_b = losses(a), losses(b)
     steps = sorted(step for step in loss_a.keys() & loss_b.keys() if not skip_steps or step > skip_steps)
     if not steps:
-        raise ConfigError(f"{a.source} and {b.source} share no logged step after --skip-steps {skip_steps}; "
-                          "compare runs of the same config and log_every")
+        raise UserError(f"{a.source} and {b.source} share no logged step after --skip-steps {skip_steps}; "
+                        "compare runs of the same config and log_every")
     diffs = {step: abs(loss_a[step] - loss_b[step]) for step in steps}
     max_diff, at_step, mean_diff = summarize(diffs)
     nonfinite = [step for step, diff in diffs.items() if not math.isfinite(diff)]
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         unique_labels(runs)
         pairs = [compare_pair(a, b, args.skip_steps, args.tolerance, args.mean_tolerance)
                  for a, b in itertools.combinations(runs, 2)]
-    except ConfigError as error:
+    except UserError as error:
         print(f"compare_runs.py: error: {error}", file=sys.stderr)
         return 2
     add_windows(pairs, args.window)

@@ -9,16 +9,16 @@ import torch
 from recipes.qwen3.attention import build_backend
 
 
-def _allowed(tokens: torch.Tensor, eos_id: int, mask: str) -> torch.Tensor:
+def _allowed(document_starts: torch.Tensor, mask: str) -> torch.Tensor:
     """(batch, seq, seq) bool, True where query i may attend key j; the document rule spelled out as a loop."""
-    batch, seq = tokens.shape
+    batch, seq = document_starts.shape
     allowed = torch.zeros(batch, seq, seq, dtype=torch.bool)
     for row in range(batch):
         start = 0
-        for i, token in enumerate(tokens[row].tolist()):
+        for i, begins in enumerate(document_starts[row].tolist()):
+            if begins:
+                start = i  # a document begins here: nothing before it is visible
             allowed[row, i, (start if mask == "document" else 0) : i + 1] = True
-            if token == eos_id:
-                start = i + 1  # the token after an EOS starts the next document
     return allowed
 
 
@@ -28,8 +28,8 @@ class ReferenceAttention:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> torch.Tensor:
-        return _allowed(tokens.cpu(), eos_id, self.mask).to(device or tokens.device)
+    def attention_meta(self, document_starts: torch.Tensor, device=None) -> torch.Tensor:
+        return _allowed(document_starts.cpu(), self.mask).to(device or document_starts.device)
 
     def __call__(self, q, k, v, allowed, scale):
         """q (batch, seq, q_heads, head_dim), k/v (batch, seq, kv_heads, head_dim) -> like q, in float64."""
@@ -43,23 +43,23 @@ class ReferenceAttention:
 
 @pytest.fixture
 def reference_attention():
-    """ReferenceAttention(mask): build_meta(tokens, eos_id, device) -> dense mask; __call__(q, k, v, meta, scale)."""
+    """ReferenceAttention(mask): attention_meta(document_starts, device) -> dense mask; __call__(q, k, v, meta, scale)."""
     return ReferenceAttention
 
 
 @pytest.fixture
 def backend_and_reference():
-    """run(backend_name, mask, tokens, eos_id, q, k, v, grad_out, scale) -> (out, expected, grads): the backend's
-    output and the float64 reference's for the same inputs, both after backward(grad_out); grads lists
-    (name, backend grad, reference grad) for q, k and v."""
+    """run(backend_name, mask, document_starts, q, k, v, grad_out, scale, kernel="auto") -> (out, expected, grads):
+    the backend's output and the float64 reference's for the same inputs, both after backward(grad_out); grads
+    lists (name, backend grad, reference grad) for q, k and v."""
 
-    def run(backend_name, mask, tokens, eos_id, q, k, v, grad_out, scale):
-        backend = build_backend(backend_name, mask)
-        out = backend(q, k, v, backend.build_meta(tokens, eos_id), scale)
+    def run(backend_name, mask, document_starts, q, k, v, grad_out, scale, kernel="auto"):
+        backend = build_backend(backend_name, mask, kernel)
+        out = backend(q, k, v, backend.attention_meta(document_starts, q.device), scale)
         out.backward(grad_out)
         reference = ReferenceAttention(mask)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        expected = reference(q64, k64, v64, reference.build_meta(tokens, eos_id), scale)
+        expected = reference(q64, k64, v64, reference.attention_meta(document_starts, q.device), scale)
         expected.backward(grad_out.double())
         return out, expected, [(name, got.grad, want.grad) for name, got, want in (("q", q, q64), ("k", k, k64),
                                                                                    ("v", v, v64))]
@@ -68,18 +68,16 @@ def backend_and_reference():
 
 
 @pytest.fixture
-def packed_tokens():
-    """make(seq, vocab, eos_id, seed=0) -> (3, seq) int64 token ids: row 0 holds documents of odd lengths
-    (one of length 1), row 1 starts and ends with an EOS, row 2 has no EOS at all."""
+def packed_starts():
+    """make(seq) -> (3, seq) bool document starts: row 0 holds documents of odd lengths (one of length 1) after a
+    document cut at the row's start, row 1 begins with a document of one token, row 2 is one cut document."""
 
-    def make(seq: int, vocab: int, eos_id: int, seed: int = 0) -> torch.Tensor:
+    def make(seq: int) -> torch.Tensor:
         assert seq >= 32
-        generator = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, vocab, (3, seq), generator=generator)
-        tokens[tokens == eos_id] = (eos_id + 1) % vocab
-        tokens[0, [4, 11, 12, 27]] = eos_id
-        tokens[1, [0, 20, seq - 1]] = eos_id
-        return tokens
+        starts = torch.zeros(3, seq, dtype=torch.bool)
+        starts[0, [5, 12, 13, 28]] = True
+        starts[1, [0, 1, 21]] = True
+        return starts
 
     return make
 

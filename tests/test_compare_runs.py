@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import ConfigError
+from recipes.errors import UserError
 from recipes.runs import load_run, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
@@ -186,5 +186,5 @@ def test_read_metrics_keeps_whole_lines_and_the_latest_row_per_step(tmp_path):
 
 def test_read_metrics_names_the_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\nnot json\n')
-    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON line"):
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(tmp_path)

@@ -6,14 +6,17 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from recipes.config import ConfigError, DataConfig
-from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, check_vocab, is_heldout,
+from recipes.config import DataConfig, check_fits, load_config, model_shape
+from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, is_heldout,
                           stdlib_documents, train_default_tokenizer)
+from recipes.errors import UserError
+from recipes.qwen3.model import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +49,17 @@ def loader(path, tokenizer, cache_dir, *, seq_len=32, local=4, rank=0, world=1, 
                             cache_dir)
 
 
+def flat(batch) -> torch.Tensor:
+    """A Batch as one tensor (inputs, labels, document starts side by side), to compare batches whole."""
+    return torch.cat([batch.inputs, batch.labels, batch.document_starts.long()], dim=1)
+
+
 def batches(source, n) -> list[torch.Tensor]:
-    return [next(source) for _ in range(n)]
+    return [flat(next(source)) for _ in range(n)]
 
 
 def test_default_tokenizer_is_deterministic_and_cached(cache_dir, tokenizer, tmp_path):
-    assert tokenizer.vocab_size == 2048 and tokenizer.eos_id == tokenizer.backend.token_to_id(DEFAULT_EOS)
+    assert tokenizer.vocab_size == 2048 and tokenizer.eos_id == tokenizer.engine.token_to_id(DEFAULT_EOS)
     ids = tokenizer.encode("def f(x):\n    return x + 1\n")
     assert tokenizer.decode(ids) == "def f(x):\n    return x + 1\n" and tokenizer.eos_id not in ids
     assert tokenizer.encode_batch(["import os", "x = 1"]) == [tokenizer.encode("import os"), tokenizer.encode("x = 1")]
@@ -79,13 +87,15 @@ def test_stdlib_default_corpus_packs_and_caches(cache_dir, tokenizer):
     first_build = time.perf_counter() - start
     assert stream.num_documents > 300 and stream.num_tokens > 1_000_000
     batch = next(stream)
-    assert batch.dtype == torch.int64 and batch.shape == (2, 129)
-    assert 0 <= int(batch.min()) and int(batch.max()) < tokenizer.vocab_size
+    assert batch.inputs.dtype == batch.labels.dtype == torch.int64 and batch.inputs.shape == (2, 128)
+    assert torch.equal(batch.inputs[:, 1:], batch.labels[:, :-1])  # labels are the inputs shifted by one
+    assert batch.document_starts.dtype == torch.bool and batch.document_starts.shape == (2, 128)
+    assert 0 <= int(batch.inputs.min()) and int(batch.labels.max()) < tokenizer.vocab_size
 
     start = time.perf_counter()
     again = build_dataloader(DataConfig(), tokenizer, 128, 2, 0, 1, 0, cache_dir)
     cached_build = time.perf_counter() - start
-    assert torch.equal(next(again), batch)
+    assert torch.equal(flat(next(again)), flat(batch))
     assert cached_build < max(2.0, first_build / 2), (first_build, cached_build)
     print(f"stdlib: {stream.num_documents} documents, {stream.num_tokens} tokens; "
           f"first build {first_build:.1f} s, cached {cached_build:.2f} s")
@@ -105,12 +115,18 @@ def test_world_sizes_see_the_same_global_batches(jsonl, tokenizer, cache_dir):
     assert steps * 4 * 33 > 2 * one.num_tokens
     ranks = [loader(jsonl, tokenizer, cache_dir, local=2, rank=r, world=2) for r in range(2)]
     for _ in range(steps):
-        assert torch.equal(next(one), torch.cat([next(r) for r in ranks]))
+        assert torch.equal(flat(next(one)), torch.cat([flat(next(r)) for r in ranks]))
+
+
+def whole_row(batch) -> torch.Tensor:
+    """The single row of a one-row batch as the seq_len + 1 tokens it was cut from."""
+    return torch.cat([batch.inputs[0], batch.labels[0, -1:]])
 
 
 def one_epoch_of_documents(stream, eos_id) -> list[list[int]]:
     """The stream's first epoch, cut at each EOS (which must end it)."""
-    epoch = torch.cat([next(stream)[0] for _ in range(stream.num_tokens // 16 + 1)])[:stream.num_tokens].tolist()
+    rows = [whole_row(next(stream)) for _ in range(stream.num_tokens // 16 + 1)]
+    epoch = torch.cat(rows)[:stream.num_tokens].tolist()
     assert epoch[-1] == eos_id
     pieces, current = [], []
     for token in epoch:
@@ -148,12 +164,12 @@ def test_resume_continues_the_exact_stream(jsonl, tokenizer, cache_dir, world):
     # resume on one rank with twice the local batch: same global batches
     resumed = loader(jsonl, tokenizer, cache_dir, local=4)
     resumed.load_state_dict(state)
-    assert all(torch.equal(next(resumed), batch) for batch in expected)
+    assert all(torch.equal(flat(next(resumed)), batch) for batch in expected)
 
 
 def test_resume_refuses_another_seed(jsonl, tokenizer, cache_dir):
     state = loader(jsonl, tokenizer, cache_dir, seed=0).state_dict()
-    with pytest.raises(ConfigError, match="^training.seed: "):
+    with pytest.raises(UserError, match="^training.seed: "):
         loader(jsonl, tokenizer, cache_dir, seed=1).load_state_dict(state)
 
 
@@ -190,7 +206,7 @@ def test_streamed_dataset_is_deterministic_world_size_free_and_resumable(jsonl, 
     assert one.num_documents is None
     steps = loader(jsonl, tokenizer, cache_dir).num_tokens // (4 * 31) + 2  # into the second epoch
     first = batches(one, steps)
-    assert all(torch.equal(batch, torch.cat([next(r) for r in ranks])) for batch in first)
+    assert all(torch.equal(batch, torch.cat([flat(next(r)) for r in ranks])) for batch in first)
     assert not all(torch.equal(x, y) for x, y in zip(first, batches(stream(seed=5), steps)))
 
     state = json.loads(json.dumps(one.state_dict()))
@@ -199,19 +215,19 @@ def test_streamed_dataset_is_deterministic_world_size_free_and_resumable(jsonl, 
     resumed = stream()
     resumed.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(batches(resumed, 6), expected))
-    with pytest.raises(ConfigError, match="^data.split: "):
+    with pytest.raises(UserError, match="^data.split: "):
         loader(f"hf:{jsonl.parent}", tokenizer, cache_dir, split="validation")
 
 
 def test_tokenizer_json_file_and_folder(tokenizer, tmp_path):
     folder = tmp_path / "tok"
     folder.mkdir()
-    (folder / "tokenizer.json").write_text(tokenizer.backend.to_str())
+    (folder / "tokenizer.json").write_text(tokenizer.engine.to_str())
     assert build_tokenizer(DataConfig(tokenizer=str(folder)), tmp_path).eos_id == tokenizer.eos_id  # <|endoftext|>
 
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "def"}}))
     from_config = build_tokenizer(DataConfig(tokenizer=str(folder / "tokenizer.json")), tmp_path)
-    assert from_config.eos_id == tokenizer.backend.token_to_id("def") != tokenizer.eos_id
+    assert from_config.eos_id == tokenizer.engine.token_to_id("def") != tokenizer.eos_id
     assert from_config.hash != tokenizer.hash  # so its token cache is another file
     override = build_tokenizer(DataConfig(tokenizer=str(folder), eos_token=DEFAULT_EOS), tmp_path)
     assert override.eos_id == tokenizer.eos_id
@@ -219,41 +235,45 @@ def test_tokenizer_json_file_and_folder(tokenizer, tmp_path):
     bare = tmp_path / "bare.json"
     bare_backend = train_default_tokenizer(["no special tokens here"], 280)
     bare.write_text(bare_backend.to_str().replace(DEFAULT_EOS, "<eos>"))
-    with pytest.raises(ConfigError, match="^data.eos_token: "):
+    with pytest.raises(UserError, match="^data.eos_token: "):
         build_tokenizer(DataConfig(tokenizer=str(bare)), tmp_path)
     with_eos = build_tokenizer(DataConfig(tokenizer=str(bare), eos_token="<eos>"), tmp_path)
     assert (with_eos.eos_id, with_eos.vocab_size) == (0, bare_backend.get_vocab_size())
 
 
 def test_user_errors_name_the_field(jsonl, tokenizer, cache_dir, tmp_path):
+    debug = model_shape(load_config(None), tokenizer.eos_id)
     cases = [
         (lambda: loader(tmp_path / "missing.jsonl", tokenizer, cache_dir), "data.dataset: "),
         (lambda: loader(jsonl, tokenizer, cache_dir, text_field="content"), "data.text_field: "),
         (lambda: build_tokenizer(DataConfig(eos_token="<|nope|>"), cache_dir), "data.eos_token: "),
         (lambda: build_tokenizer(DataConfig(tokenizer="./no/such/tokenizer"), cache_dir), "data.tokenizer: "),
         (lambda: build_tokenizer(DataConfig(vocab_size=100), cache_dir), "data.vocab_size: "),
-        (lambda: check_vocab(tokenizer, 1024), "data.tokenizer: vocabulary 2048 exceeds model vocab 1024"),
+        (lambda: check_fits(replace(debug, vocab_size=1024), 64, tokenizer),
+         "data.tokenizer: vocabulary 2048 exceeds model vocab 1024"),
+        (lambda: check_fits(debug, 2049, tokenizer), "training.seq_len: 2049 exceeds the model's max_seq_len 2048"),
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("  \n")
     cases.append((lambda: loader(empty, tokenizer, cache_dir), "data.dataset: the corpus has no"))
     for build, message in cases:
-        with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        with pytest.raises(UserError, match="^" + message.replace(".", r"\.")):
             build()
-    check_vocab(tokenizer, 2048)
+    check_fits(debug, 2048, tokenizer)  # the edges fit
 
 
 def test_hub_unreachable_is_a_config_error(tmp_path):
     """Hub names go through the real hub clients; HF_HUB_OFFLINE makes them fail at once instead of after retries."""
     script = (
-        "from recipes.config import ConfigError, DataConfig\n"
+        "from recipes.config import DataConfig\n"
+        "from recipes.errors import UserError\n"
         "from recipes.data import build_dataloader, build_tokenizer\n"
         "for build in (lambda: build_tokenizer(DataConfig(tokenizer='Qwen/Qwen3-0.6B'), '.'),\n"
         "              lambda: build_dataloader(DataConfig(dataset='hf:roneneldan/TinyStories'), None, 8, 1, 0, 1, 0, '.')):\n"
         "    try:\n"
         "        build()\n"
-        "    except ConfigError as error:\n"
+        "    except UserError as error:\n"
         "        print(error)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
@@ -264,3 +284,41 @@ def test_hub_unreachable_is_a_config_error(tmp_path):
     assert lines[0].startswith("data.tokenizer: cannot load 'Qwen/Qwen3-0.6B' (not a file/folder, and the hub is "
                                "unreachable")
     assert lines[1].startswith("data.dataset: cannot reach the HF hub for 'roneneldan/TinyStories'; ")
+
+
+def documents_by_starts(batch) -> list[list[int]]:
+    """The first row's tokens cut where the loader says documents begin."""
+    pieces = []
+    for token, start in zip(batch.inputs[0].tolist(), batch.document_starts[0].tolist()):
+        if start:
+            pieces.append([])
+        pieces[-1].append(token)
+    return pieces
+
+
+def test_document_starts_come_from_the_packing_not_from_eos_ids(tokenizer, cache_dir, tmp_path):
+    """A document whose text holds the EOS token (so its ids hold the eos id) stays one document; chat data that
+    ends turns with the eos id is packed the same way."""
+    texts = ["first document, plain", f"a document quoting {DEFAULT_EOS} inside and going on",
+             f"turn one{DEFAULT_EOS}turn two{DEFAULT_EOS}turn three", "last one"] * 6
+    texts = [f"{i}: {text}" for i, text in enumerate(texts) if not is_heldout(f"{i}: {text}")]
+    path = tmp_path / "eos-inside.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    stream = loader(path, tokenizer, cache_dir, seq_len=1023, local=1)
+    assert stream.num_tokens < 1023  # one row holds the whole first epoch
+    pieces = documents_by_starts(next(stream))[:len(texts)]
+    expected = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    assert any(tokenizer.eos_id in ids[:-1] for ids in expected)  # the eos id really is inside some documents
+    assert sorted(pieces) == sorted(expected), "a document was cut at an eos id inside it"
+
+
+def test_boundary_loss_masking_ignores_the_label_of_the_next_documents_first_token(jsonl, tokenizer, cache_dir):
+    plain = next(loader(jsonl, tokenizer, cache_dir, seq_len=64))
+    masked = next(loader(jsonl, tokenizer, cache_dir, seq_len=64, mask_boundary_loss=True))
+    assert torch.equal(plain.inputs, masked.inputs) and torch.equal(plain.document_starts, masked.document_starts)
+    ignored = masked.labels == IGNORE_INDEX
+    # ignored exactly where the next token begins a document, which is where the input is the EOS
+    assert torch.equal(ignored[:, :-1], plain.document_starts[:, 1:])
+    assert ignored.any() and (plain.inputs[ignored[:, :-1].nonzero(as_tuple=True)] == tokenizer.eos_id).all()
+    assert masked.count_labels() == plain.count_labels() - int(ignored.sum())
+    assert torch.equal(masked.labels[~ignored], plain.labels[~ignored])

@@ -9,9 +9,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from recipes.config import ConfigError
+from recipes.errors import UserError
 from recipes.qwen3.attention import BACKENDS, MASKS
-from recipes.qwen3.hf import hf_config_to_qwen3, load_hf_checkpoint, save_hf_checkpoint
+from recipes.qwen3.hf import hf_config_to_qwen3, load_hf_weights, read_hf_config, save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Config, Qwen3Model
 
 EOS = 5
@@ -35,6 +35,14 @@ def _one_document_batch() -> torch.Tensor:
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     tokens[tokens == EOS] = EOS + 1
     return tokens
+
+
+def load_hf_checkpoint(folder, **overrides) -> Qwen3Model:
+    """What train.py does with model.init_from, in one process: the shape from config.json, then the weights."""
+    model = Qwen3Model(read_hf_config(folder, **overrides))
+    model.init_weights(seed=0)
+    load_hf_weights(model, folder)
+    return model
 
 
 @torch.no_grad()
@@ -106,7 +114,7 @@ def test_transformers4_config_spelling():
 ], ids=["moe", "missing", "rope-scaling", "bias"])
 def test_unsupported_config_is_a_config_error(edit, named):
     config = {key: value for key, value in dict(_hf_config(False).to_dict(), **edit).items() if value is not None}
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(UserError, match=named):
         hf_config_to_qwen3(config)
 
 
@@ -134,12 +142,12 @@ def test_bad_checkpoint_names_the_tensor(corrupt, named, hf_folders, tmp_path):
     corrupt(tensors, config)
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(UserError, match=named):
         load_hf_checkpoint(tmp_path)
 
 
 def test_missing_weights_file_is_a_config_error(tmp_path, hf_folders):
     folder, _ = hf_folders[True]
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(ConfigError, match="model.safetensors"):
+    with pytest.raises(UserError, match="model.safetensors"):
         load_hf_checkpoint(tmp_path)

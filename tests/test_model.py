@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.qwen3.attention import BACKENDS, MASKS
-from recipes.qwen3.model import Qwen3Config, Qwen3Model, flavor_config
+from recipes.qwen3.attention import BACKENDS, MASKS, build_backend
+from recipes.qwen3.model import IGNORE_INDEX, Qwen3Config, Qwen3Model, apply_rope, flavor_config, rope_cache
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
 
-EOS = 7
 SEQ = 48
 
 
@@ -20,9 +19,13 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def _logits_and_grads(model: Qwen3Model, tokens: torch.Tensor):
+def _tokens(model: Qwen3Model, starts: torch.Tensor) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, starts.shape, generator=torch.Generator().manual_seed(0))
+
+
+def _logits_and_grads(model: Qwen3Model, tokens: torch.Tensor, starts: torch.Tensor):
     model.zero_grad()
-    logits = model(tokens)
+    logits = model(tokens, model.attention_meta(starts))
     F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
     return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -36,36 +39,35 @@ def _float64_reference(model: Qwen3Model, reference_attention) -> Qwen3Model:
     return reference
 
 
-def _errors_against_float64(model, tokens, reference_attention) -> dict[str, float]:
-    logits, grads = _logits_and_grads(model, tokens)
-    want_logits, want_grads = _logits_and_grads(_float64_reference(model, reference_attention), tokens)
+def _errors_against_float64(model, starts, reference_attention) -> dict[str, float]:
+    tokens = _tokens(model, starts)
+    logits, grads = _logits_and_grads(model, tokens, starts)
+    want_logits, want_grads = _logits_and_grads(_float64_reference(model, reference_attention), tokens, starts)
     errors = {"logits": _relative_error(logits, want_logits)}
     errors.update({name: _relative_error(grads[name], want_grads[name]) for name in grads})
     return errors
 
 
 def _debug_model(attention: str, mask: str) -> Qwen3Model:
-    model = Qwen3Model(flavor_config("debug", attention=attention, mask=mask, eos_id=EOS))
+    model = Qwen3Model(flavor_config("debug", attention=attention, mask=mask))
     model.init_weights(seed=0)
     return model
 
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("attention", BACKENDS)
-def test_backend_model_matches_float64(attention, mask, packed_tokens, reference_attention):
+def test_backend_model_matches_float64(attention, mask, packed_starts, reference_attention):
     model = _debug_model(attention, mask)
-    tokens = packed_tokens(SEQ, model.config.vocab_size, EOS)
-    errors = _errors_against_float64(model, tokens, reference_attention)
+    errors = _errors_against_float64(model, packed_starts(SEQ), reference_attention)
     assert len(errors) == 1 + len(list(model.parameters()))
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-5, f"{worst}: relative error {errors[worst]:.2e}"
 
 
-def test_agreement_check_catches_the_varlen_layout_mistake(packed_tokens, reference_attention):
+def test_agreement_check_catches_the_varlen_layout_mistake(packed_starts, reference_attention):
     """The check above, run on torchtitan 0.2.1's varlen mistake, must fail by a wide margin."""
     model = inject_varlen_layout_mistake(_debug_model("varlen", "document"))
-    tokens = packed_tokens(SEQ, model.config.vocab_size, EOS)
-    errors = _errors_against_float64(model, tokens, reference_attention)
+    errors = _errors_against_float64(model, packed_starts(SEQ), reference_attention)
     assert min(errors.values()) > 0.1, "logits and every gradient should be off by more than 10%"
 
 
@@ -94,3 +96,59 @@ def test_state_dicts_interchange_with_torchtitan(tied, randomize_norms):
     randomize_norms(ours, seed=1)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(theirs(tokens), ours(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_loss_from_labels_equals_cross_entropy_of_the_logits(tied, packed_starts):
+    """model(tokens, meta, labels): the summed cross-entropy over the labels that are not IGNORE_INDEX, with the
+    same gradients as F.cross_entropy on the full logits (the fused loss never holds them whole)."""
+    model = Qwen3Model(flavor_config("debug", attention="varlen", mask="document", tie_embeddings=tied))
+    model.init_weights(seed=0)
+    starts = packed_starts(SEQ)
+    tokens = _tokens(model, starts)
+    labels = tokens.roll(-1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[0, 3] = IGNORE_INDEX
+    meta = model.attention_meta(starts)
+    fused = model(tokens, meta, labels)
+    fused.backward()
+    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    plain = F.cross_entropy(model(tokens, meta).flatten(0, 1), labels.flatten(), reduction="sum")
+    plain.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_rope_positions_per_row_equal_positions_per_document(packed_starts):
+    """Under the document mask, RoPE at row positions and RoPE restarted at each document give the same attention:
+    q_i·k_j depends on positions only through i - j, and i, j always lie in one document. docs/attention.md."""
+    config = flavor_config("debug")
+    starts = packed_starts(SEQ)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, SEQ, heads, config.head_dim, generator=generator)
+               for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
+    cache = rope_cache(config.head_dim, SEQ, config.rope_theta)
+    row_starts = starts.clone()
+    row_starts[:, 0] = True
+    begin = torch.cummax(torch.where(row_starts, torch.arange(SEQ), 0), dim=1).values  # each token's document start
+    per_document = torch.arange(SEQ) - begin  # positions restarted at every document
+    assert per_document[0, -1] < SEQ - 1 and (per_document[0, 5:12] == torch.arange(7)).all()
+
+    def rotated(x, positions):  # RoPE at arbitrary positions, row by row
+        return torch.cat([_rope_at(x[b:b + 1], cache, positions[b]) for b in range(3)])
+
+    backend = build_backend("sdpa", "document")
+    meta = backend.attention_meta(starts)
+    by_row = backend(apply_rope(q, cache), apply_rope(k, cache), v, meta, config.head_dim**-0.5)
+    by_document = backend(rotated(q, per_document), rotated(k, per_document), v, meta, config.head_dim**-0.5)
+    torch.testing.assert_close(by_document, by_row, rtol=1e-5, atol=1e-5)
+    causal = build_backend("sdpa", "causal")  # without the document mask the two differ: the test can fail
+    assert not torch.allclose(causal(rotated(q, per_document), rotated(k, per_document), v, None, 0.125),
+                              causal(apply_rope(q, cache), apply_rope(k, cache), v, None, 0.125), atol=1e-3)
+
+
+def _rope_at(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """apply_rope for one row (1, seq, heads, head_dim) whose tokens sit at `positions`."""
+    return torch.cat([apply_rope(x[:, i:i + 1], cache[p:p + 1]) for i, p in enumerate(positions.tolist())], dim=1)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import ConfigError, load_config, to_toml
+from recipes.config import load_config, to_toml
+from recipes.errors import UserError
 from recipes.outputs import check_output_dir
 from recipes.runs import read_metrics, read_wandb_offline
 from train_process import DEBUG_CONFIG, REPO, finish, launch
@@ -144,17 +145,18 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
 def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
     """recipes.outputs.check_output_dir on the folders written above (train.py calls it before writing anything)."""
     sdpa = load_config(str(runs["sdpa"] / "config.toml"))
-    assert check_output_dir(runs["sdpa"], sdpa) is True
-    with pytest.raises(ConfigError) as error:
-        check_output_dir(runs["flex"], sdpa)
-    assert str(error.value) == (f"job.output_dir: {runs['flex']} holds a different run (model.attention: 'flex' "
-                                "there, 'sdpa' now); choose a new job.output_dir")
-    with pytest.raises(ConfigError, match="already holds this run; set --checkpoint.resume true to continue it"):
+    assert check_output_dir(runs["sdpa"], sdpa) == sdpa
+    assert check_output_dir(runs["flex"], sdpa).model.attention == "flex"  # the backend may change on resume
+    with pytest.raises(UserError) as error:
+        check_output_dir(runs["flex"], load_config(str(runs["sdpa"] / "config.toml"), ["--training.seed", "1"]))
+    assert str(error.value) == (f"job.output_dir: {runs['flex']} holds a different run (training.seed: 0 "
+                                "there, 1 now); choose a new job.output_dir")
+    with pytest.raises(UserError, match="already holds this run; set --checkpoint.resume true to continue it"):
         check_output_dir(runs["sdpa"], load_config(str(runs["sdpa"] / "config.toml"), ["--checkpoint.resume", "false"]))
     (tmp_path / "notes.txt").write_text("someone else's file")
-    with pytest.raises(ConfigError, match="is not empty and holds no run of this recipe"):
+    with pytest.raises(UserError, match="is not empty and holds no run of this recipe"):
         check_output_dir(tmp_path, sdpa)
-    assert check_output_dir(tmp_path / "new", sdpa) is False
+    assert check_output_dir(tmp_path / "new", sdpa) is None
 
 
 def test_a_resumed_run_drops_later_metrics_and_a_line_torn_by_a_crash(tmp_path):

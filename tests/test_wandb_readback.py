@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import ConfigError
+from recipes.errors import UserError
 from recipes.runs import load_run, read_wandb_api, read_wandb_offline
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
@@ -82,7 +82,7 @@ def test_compare_offline_run_against_its_metrics_jsonl(offline_run, tmp_path, ca
 
 
 def test_a_folder_without_a_run_log_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="expected one run-\\*.wandb file there, found 0"):
+    with pytest.raises(UserError, match="expected one run-\\*.wandb file there, found 0"):
         read_wandb_offline(tmp_path)
 
 
@@ -98,7 +98,7 @@ def test_a_corrupt_run_log_exits_2(tmp_path, capsys):
 
 
 def test_api_run_path_must_have_three_parts():
-    with pytest.raises(ConfigError, match="wandb:ENTITY/PROJECT/RUN_ID"):
+    with pytest.raises(UserError, match="wandb:ENTITY/PROJECT/RUN_ID"):
         read_wandb_api("entity/run_id")
 
 

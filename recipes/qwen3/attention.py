@@ -10,10 +10,14 @@ reshapes the output the same way for every backend and never branches on which o
 broke exactly this: varlen's packed (tokens, heads, head_dim) result went through the transpose meant for
 sdpa's (batch, heads, seq, head_dim), and a later .view() hid the swap.
 
-`meta` is built once per batch by `backend.build_meta(tokens, eos_id, device)` and passed to every layer; each
-backend decides where to compute it (varlen on the host copy of the tokens, so its lengths need no device sync).
-Document boundaries follow one rule for all backends (`document_ids`): a document ends with its EOS token
-and the next token starts a new one.
+`meta` is built once per batch by `backend.attention_meta(document_starts, device)` and passed to every layer.
+`document_starts` (batch, seq) bool marks the tokens that begin a document: the loader, which packed the
+documents, is its one source (no backend looks for EOS ids). A row's first token always begins a span. Each
+backend decides where to compute its metadata (varlen on the host copy, so its lengths need no device sync).
+
+The varlen backend has a choice of kernel (`KERNELS`): "torch" (torch's varlen_attn, FlashAttention-2), "fa4"
+(FlashAttention-4, recipes.qwen3.fa4; Hopper and Blackwell) or "auto" (fa4 where it can run, else torch), decided
+per device at the first call and logged once. sdpa and flex have one kernel each and accept only "auto".
 
 On CPU, varlen has no kernel and flex no backward: those backends then run a reference with identical
 semantics (math attention under the dense form of the very same mask), announced once in the log.
@@ -30,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
+from recipes.qwen3 import fa4
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10 has no varlen attention; the backend then refuses to build
@@ -39,12 +45,34 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "flex", "varlen")
 MASKS = ("causal", "document")
+KERNELS = ("auto", "torch", "fa4")
 
 
-def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(batch, seq) index of the document each token belongs to; the token after an EOS starts a new one."""
-    is_eos = (tokens == eos_id).to(torch.int32)
-    return torch.cumsum(is_eos, dim=1) - is_eos
+def document_ids(document_starts: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) index of the document each token belongs to, counted along its row."""
+    return torch.cumsum(document_starts.to(torch.int32), dim=1)
+
+
+def packed_offsets(document_starts: torch.Tensor) -> torch.Tensor:
+    """int64 offsets of the spans attention runs over under the document mask, in the flattened (batch*seq)
+    token axis, with the total at the end: each row cut where a document begins, and at the row's start."""
+    starts = document_starts.clone()
+    starts[:, 0] = True
+    begin = starts.flatten().nonzero().flatten()
+    return torch.cat([begin, torch.tensor([starts.numel()], device=begin.device)])
+
+
+# The kernel outputs that selective activation checkpointing saves (recipes/parallel.py): every backend's.
+ATTENTION_OPS = frozenset(op for op in (
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # the CPU references
+    torch._higher_order_ops.flex_attention,
+    getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None),  # varlen_attn's op (torch >= 2.10)
+    torch.ops.qwen3_fa4.forward.default,
+) if op is not None)
 
 
 @functools.cache
@@ -67,13 +95,12 @@ class SDPABackend:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> torch.Tensor | None:
+    def attention_meta(self, document_starts: torch.Tensor, device=None) -> torch.Tensor | None:
         if self.mask == "causal":
             return None
-        tokens = tokens.to(device or tokens.device)
-        doc = document_ids(tokens, eos_id)
-        seq = tokens.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+        doc = document_ids(document_starts.to(device or document_starts.device))
+        seq = doc.shape[1]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=doc.device).tril()
         return (doc[:, :, None] == doc[:, None, :]) & causal  # (batch, seq, seq)
 
     def __call__(self, q, k, v, meta, scale):
@@ -99,21 +126,21 @@ class FlexBackend:
     def __init__(self, mask: str):
         self.mask = mask
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> BlockMask:
-        tokens = tokens.to(device or tokens.device)
-        batch, seq = tokens.shape
+    def attention_meta(self, document_starts: torch.Tensor, device=None) -> BlockMask:
+        device = device or document_starts.device
+        batch, seq = document_starts.shape
 
         def causal(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
 
         if self.mask == "causal":
-            return create_block_mask(causal, None, None, seq, seq, device=tokens.device)
-        doc = document_ids(tokens, eos_id)
+            return create_block_mask(causal, None, None, seq, seq, device=device)
+        doc = document_ids(document_starts.to(device))
 
         def document(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
-        return create_block_mask(document, batch, None, seq, seq, device=tokens.device)
+        return create_block_mask(document, batch, None, seq, seq, device=device)
 
     def __call__(self, q, k, v, meta: BlockMask, scale):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -136,6 +163,27 @@ class VarlenMeta:
     max_seqlen: int
 
 
+# Called inside compiled blocks: dynamo runs it while tracing and keeps the result as a constant, so the import, log
+# and error stay out of the graph (tracing them would break fullgraph=True). The cache sits on a second function
+# because dynamo traces through functools.cache wrappers instead of calling them.
+@torch.compiler.assume_constant_result
+def _varlen_uses_fa4(kernel: str, device: torch.device) -> bool:
+    return _resolve_varlen_kernel(kernel, device)
+
+
+@functools.cache
+def _resolve_varlen_kernel(kernel: str, device: torch.device) -> bool:
+    """Whether varlen runs FA4 on `device`: decided and logged once per (kernel, device)."""
+    reason = fa4.unavailable_reason(device)
+    if kernel == "fa4" and reason:
+        raise RuntimeError(f"model.kernel = 'fa4' cannot run on {device}: {reason}; use 'torch' or 'auto'")
+    uses_fa4 = kernel != "torch" and reason is None
+    why = f"model.kernel = {kernel!r}" + (f"; FA4 cannot run: {reason}" if kernel == "auto" and reason else "")
+    log.info("attention: varlen runs %s on %s (%s)", "FlashAttention-4" if uses_fa4 else "torch's varlen_attn (FA2)",
+             device, why)
+    return uses_fa4
+
+
 @functools.cache
 def _varlen_keywords() -> frozenset[str]:
     # torch 2.11 takes window_size=(-1, 0) for causal and no enable_gqa; 2.13+ adds enable_gqa and needs it for GQA.
@@ -143,29 +191,27 @@ def _varlen_keywords() -> frozenset[str]:
 
 
 class VarlenBackend:
-    """varlen_attn on packed tokens: (batch, seq, heads, head_dim) is viewed as (batch*seq, heads, head_dim)."""
+    """Varlen attention on packed tokens: (batch, seq, heads, head_dim) is viewed as (batch*seq, heads, head_dim).
+    `kernel` (KERNELS) picks torch's varlen_attn or FlashAttention-4; the backend is built before the model moves
+    to its device, so the choice is made per device at the first call."""
 
     name = "varlen"
 
-    def __init__(self, mask: str):
+    def __init__(self, mask: str, kernel: str = "auto"):
         if varlen_attn is None:
             raise RuntimeError(f"attention 'varlen' needs torch >= 2.10 (found {torch.__version__})")
         self.mask = mask
+        self.kernel = kernel
 
-    def build_meta(self, tokens: torch.Tensor, eos_id: int, device=None) -> VarlenMeta:
-        """Computed where `tokens` live: given the loader's host copy, max_seqlen needs no device-to-host sync."""
-        batch, seq = tokens.shape
-        device = device or tokens.device
+    def attention_meta(self, document_starts: torch.Tensor, device=None) -> VarlenMeta:
+        """Computed where `document_starts` live: given the loader's host copy, max_seqlen needs no device sync."""
+        batch, seq = document_starts.shape
+        device = device or document_starts.device
         if self.mask == "causal":
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
             return VarlenMeta(cu, seq)
-        starts = torch.zeros_like(tokens, dtype=torch.bool)
-        starts[:, 0] = True
-        starts[:, 1:] = tokens[:, :-1] == eos_id
-        begin = starts.flatten().nonzero().flatten()
-        end = torch.tensor([batch * seq], dtype=begin.dtype, device=tokens.device)
-        cu = torch.cat([begin, end]).to(torch.int32)
-        max_seqlen = int((cu[1:] - cu[:-1]).max())  # a host sync only when tokens are on the device
+        cu = packed_offsets(document_starts).to(torch.int32)
+        max_seqlen = int((cu[1:] - cu[:-1]).max())  # a host sync only when the starts are on the device
         return VarlenMeta(cu.to(device, non_blocking=True), max_seqlen)
 
     def __call__(self, q, k, v, meta: VarlenMeta, scale):
@@ -174,6 +220,8 @@ class VarlenBackend:
         if q.device.type == "cpu":
             _announce_cpu_reference("varlen", "varlen_attn has no CPU kernel")
             out = self._reference(*packed, meta, scale)
+        elif _varlen_uses_fa4(self.kernel, q.device):
+            out = fa4.varlen_attention(*packed, meta.cu_seqlens, meta.max_seqlen, scale)
         else:
             out = varlen_attn(
                 *packed, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
@@ -203,9 +251,15 @@ class VarlenBackend:
 _BACKEND_CLASSES = {cls.name: cls for cls in (SDPABackend, FlexBackend, VarlenBackend)}
 
 
-def build_backend(attention: str, mask: str):
+def build_backend(attention: str, mask: str, kernel: str = "auto"):
     if attention not in _BACKEND_CLASSES:
         raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
     if mask not in MASKS:
         raise ValueError(f"unknown mask {mask!r}; choose one of {', '.join(MASKS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown model.kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if attention == "varlen":
+        return VarlenBackend(mask, kernel)
+    if kernel != "auto":
+        raise ValueError(f"model.kernel = {kernel!r} chooses among varlen's kernels; {attention} takes only 'auto'")
     return _BACKEND_CLASSES[attention](mask)

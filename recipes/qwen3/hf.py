@@ -1,7 +1,8 @@
 """Hugging Face Qwen3 checkpoints (config.json + safetensors, one file or sharded) to and from our Qwen3Model.
 
 Weights only, through safetensors: nothing is unpickled. Our parameter names are torchtitan's; the mapping to
-HF's names is `hf_name`. Loading never needs transformers; what `save_hf_checkpoint` writes loads with
+HF's names is `hf_name`. `read_hf_config` gives the shape, `load_hf_weights` fills a built (possibly sharded)
+model. Loading never needs transformers; what `save_hf_checkpoint` writes loads with
 `transformers.Qwen3ForCausalLM.from_pretrained`.
 """
 
@@ -12,10 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from recipes.config import ConfigError
-from recipes.qwen3.model import Qwen3Config, Qwen3Model, rope_cache
+from recipes.errors import UserError
+from recipes.qwen3.model import Qwen3Config, Qwen3Model
 
 _TOP_LEVEL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _IN_LAYER = {
@@ -48,12 +52,12 @@ def hf_name(name: str) -> str:
 def hf_config_to_qwen3(hf: dict, **overrides) -> Qwen3Config:
     """A config.json dict of an HF Qwen3 model -> Qwen3Config; `overrides` set our own fields (attention, ...)."""
     if hf.get("model_type") != "qwen3":
-        raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not 'qwen3'; "
-                          "only dense Qwen3 checkpoints load here")
+        raise UserError(f"config.json: model_type {hf.get('model_type')!r} is not 'qwen3'; "
+                        "only dense Qwen3 checkpoints load here")
     missing = [key for key in _REQUIRED if key not in hf]
     if missing:
-        raise ConfigError(f"config.json: {missing[0]} is missing; an HF Qwen3 config.json names "
-                          f"{', '.join(_REQUIRED)}")
+        raise UserError(f"config.json: {missing[0]} is missing; an HF Qwen3 config.json names "
+                        f"{', '.join(_REQUIRED)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
@@ -63,8 +67,8 @@ def hf_config_to_qwen3(hf: dict, **overrides) -> Qwen3Config:
     }
     for field, present in unsupported.items():
         if present:
-            raise ConfigError(f"config.json: {field} is not supported by this Qwen3 fork; "
-                              "use a plain Qwen3 dense checkpoint (silu, no bias, full attention, default RoPE)")
+            raise UserError(f"config.json: {field} is not supported by this Qwen3 fork; "
+                            "use a plain Qwen3 dense checkpoint (silu, no bias, full attention, default RoPE)")
     eos = hf.get("eos_token_id")
     heads = hf["num_attention_heads"]
     config = Qwen3Config(
@@ -110,55 +114,72 @@ def qwen3_to_hf_config(config: Qwen3Config, dtype: torch.dtype) -> dict:
     }
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_hf_config(path: str | Path, **overrides) -> Qwen3Config:
+    """The shape of the HF Qwen3 checkpoint in folder `path`, from its config.json."""
+    config_json = Path(path) / "config.json"
+    if not config_json.is_file():
+        raise UserError(f"model.init_from: {path} has no config.json; point it at an HF Qwen3 checkpoint folder")
+    try:
+        hf = json.loads(config_json.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"model.init_from: {config_json} is not JSON ({error}); fix or replace it") from None
+    return hf_config_to_qwen3(hf, **overrides)
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF name -> the safetensors file that holds it, for one file or a sharded checkpoint."""
     if (path / _SHARD_INDEX).is_file():
         weight_map = json.loads((path / _SHARD_INDEX).read_text())["weight_map"]
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(path / shard))
-        return tensors
+        return {name: path / shard for name, shard in weight_map.items()}
     if (path / _SINGLE_FILE).is_file():
-        return load_file(path / _SINGLE_FILE)
-    raise ConfigError(f"{path}: neither {_SINGLE_FILE} nor {_SHARD_INDEX} found; "
-                      "point model.init_from at an HF Qwen3 folder saved with safetensors")
+        with safe_open(path / _SINGLE_FILE, "pt") as f:
+            return {name: path / _SINGLE_FILE for name in f.keys()}
+    raise UserError(f"{path}: neither {_SINGLE_FILE} nor {_SHARD_INDEX} found; "
+                    "point model.init_from at an HF Qwen3 folder saved with safetensors")
 
 
-def load_hf_checkpoint(path: str | Path, **overrides) -> Qwen3Model:
-    """Build our Qwen3Model (float32, CPU) from an HF Qwen3 folder; `overrides` set Qwen3Config fields."""
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """The tensor this process holds of `param` and which rows of the whole it is (FSDP2 shards dim 0)."""
+    if not isinstance(param, DTensor):
+        return param, slice(None)
+    local = param.to_local()
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return local, slice(offset[0], offset[0] + local.shape[0])
+
+
+@torch.no_grad()
+def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
+    """Copy an HF Qwen3 checkpoint's weights into `model`, whole or FSDP-sharded: each process reads only the rows
+    of each tensor it holds (safetensors slices), so no process ever holds the whole checkpoint."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path}: no config.json; point model.init_from at an HF Qwen3 checkpoint folder")
-    config = hf_config_to_qwen3(json.loads((path / "config.json").read_text()), **overrides)
-    with torch.device("meta"):
-        model = Qwen3Model(config)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    tensors = _read_tensors(path)
+    files = _tensor_files(path)
+    config = model.config
+    expected = dict(model.named_parameters())  # the tied head is the embedding: named once
+    unexpected = set(files) - {hf_name(name) for name in expected}
     if config.tie_embeddings:
-        del expected["output.weight"]
-        # Some exporters also write the tied head; accept it when it is the embedding indeed.
-        head = tensors.pop(hf_name("output.weight"), None)
-        if head is not None and not torch.equal(head, tensors.get(hf_name("tok_embeddings.weight"), head)):
-            raise ConfigError(f"{path}: lm_head.weight differs from model.embed_tokens.weight although "
-                              "tie_word_embeddings is true; set it false in config.json")
-    state = {}
-    for name, shape in expected.items():
-        tensor = tensors.pop(hf_name(name), None)
-        if tensor is None:
-            raise ConfigError(f"{path}: tensor {hf_name(name)} is missing; the checkpoint is incomplete "
-                              "or its config.json does not describe it")
-        if tensor.shape != shape:
-            raise ConfigError(f"{path}: tensor {hf_name(name)} has shape {tuple(tensor.shape)}, config.json "
-                              f"implies {tuple(shape)}; fix config.json or the checkpoint")
-        state[name] = tensor.to(torch.float32)
-    if tensors:
-        raise ConfigError(f"{path}: unexpected tensor {next(iter(tensors))} ({len(tensors)} in all); "
-                          "only dense Qwen3 checkpoints load here")
-    if config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    model.rope = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
-    return model
+        unexpected.discard(hf_name("output.weight"))  # some exporters write the tied head too; checked below
+    if unexpected:
+        raise UserError(f"{path}: unexpected tensor {sorted(unexpected)[0]} ({len(unexpected)} in all); "
+                        "only dense Qwen3 checkpoints load here")
+    for name, param in expected.items():
+        key = hf_name(name)
+        if key not in files:
+            raise UserError(f"{path}: tensor {key} is missing; the checkpoint is incomplete "
+                            "or its config.json does not describe it")
+        local, rows = _local_rows(param)
+        with safe_open(files[key], "pt") as f:
+            stored = f.get_slice(key)
+            if tuple(stored.get_shape()) != tuple(param.shape):
+                raise UserError(f"{path}: tensor {key} has shape {tuple(stored.get_shape())}, config.json implies "
+                                f"{tuple(param.shape)}; fix config.json or the checkpoint")
+            local.copy_(stored[rows])
+    head = hf_name("output.weight")
+    if config.tie_embeddings and head in files:
+        local, rows = _local_rows(model.tok_embeddings.weight)
+        with safe_open(files[head], "pt") as f:
+            if not torch.equal(f.get_slice(head)[rows].to(local.dtype), local):
+                raise UserError(f"{path}: lm_head.weight differs from model.embed_tokens.weight although "
+                                "tie_word_embeddings is true; set it false in config.json")
 
 
 def save_hf_checkpoint(model: Qwen3Model, path: str | Path) -> None:

@@ -12,8 +12,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from recipes.qwen3.attention import build_backend
+from recipes.qwen3.loss import linear_cross_entropy
+
+IGNORE_INDEX = -100  # a label the loss skips (F.cross_entropy's default)
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,8 @@ class Qwen3Config:
     tie_embeddings: bool = True
     attention: str = "sdpa"  # sdpa | flex | varlen
     mask: str = "causal"  # causal | document
-    eos_id: int = 151643  # <|endoftext|>, the separator between packed pretraining documents
+    kernel: str = "auto"  # varlen's kernel: auto | torch | fa4
+    eos_id: int = 151643  # <|endoftext|>; written to an HF export only (the loader says where documents begin)
 
 
 # The published Qwen3 dense shapes (Qwen3 technical report, Table 1; HF config.json of each model).
@@ -54,6 +60,18 @@ def flavor_config(flavor: str, **overrides) -> Qwen3Config:
     if flavor not in FLAVORS:
         raise ValueError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
     return replace(FLAVORS[flavor], **overrides)
+
+
+def _normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """normal(0, std) with the same numbers whether `param` is whole or an FSDP shard (a DTensor, whose local rows
+    are cut from the whole draw), so initialisation does not depend on the world size."""
+    if not isinstance(param, DTensor):
+        nn.init.normal_(param, std=std, generator=generator)
+        return
+    local = param.to_local()
+    whole = torch.empty(param.shape, dtype=local.dtype, device=local.device).normal_(0, std, generator=generator)
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local.copy_(whole[offset[0]:offset[0] + local.shape[0]])
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -123,7 +141,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.config = config
-        self.backend = build_backend(config.attention, config.mask)
+        self.backend = build_backend(config.attention, config.mask, config.kernel)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config, self.backend) for i in range(config.n_layers)})
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
@@ -143,38 +161,42 @@ class Qwen3Model(nn.Module):
         Scheme: normal(0.02) for inputs, depth-scaled std 0.02/sqrt(2*(layer+1)) for residual outputs,
         1/sqrt(dim) for an untied output head, ones for norms.
         """
-        generator = None if seed is None else torch.Generator(self.tok_embeddings.weight.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(self.rope.device).manual_seed(seed)
         self.rope.copy_(rope_cache(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta,
                                    device=self.rope.device))
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02, generator=generator)
+        _normal_(self.tok_embeddings.weight, 0.02, generator)
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=self.config.dim**-0.5, generator=generator)
+            _normal_(self.output.weight, self.config.dim**-0.5, generator)
         for index, layer in enumerate(self.layers.values()):
             residual_std = 0.02 / math.sqrt(2 * (index + 1))
             for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1,
                            layer.feed_forward.w3):
-                nn.init.normal_(linear.weight, std=0.02, generator=generator)
+                _normal_(linear.weight, 0.02, generator)
             for linear in (layer.attention.wo, layer.feed_forward.w2):
-                nn.init.normal_(linear.weight, std=residual_std, generator=generator)
+                _normal_(linear.weight, residual_std, generator)
 
-    def build_meta(self, tokens: torch.Tensor, device: torch.device | None = None):
-        """Attention metadata for a batch of token ids (on `device`, default the tokens'), shared by every layer.
+    def attention_meta(self, document_starts: torch.Tensor, device: torch.device | None = None):
+        """The attention backend's metadata for a batch, shared by every layer: `document_starts` (batch, seq) bool
+        marks the tokens that begin a document (from the loader, which packed them). Built on `device` (default
+        the starts'); pass the loader's host copy with the training device: varlen then needs no device sync."""
+        return self.backend.attention_meta(document_starts, device)
 
-        Pass the loader's host copy of the tokens with the training device: varlen then needs no device sync.
-        """
-        return self.backend.build_meta(tokens, self.config.eos_id, device)
-
-    def forward(self, tokens: torch.Tensor, meta=None) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab), with the configured backend and mask."""
+    def forward(self, tokens: torch.Tensor, meta=None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with labels (batch, seq), the summed cross-entropy
+        over the labels that are not IGNORE_INDEX instead, without ever holding the whole logits. The loss is
+        taken here, where FSDP has gathered the output weight. Without `meta`, each row is one document."""
         if meta is None:
-            meta = self.build_meta(tokens)
+            meta = self.attention_meta(torch.zeros_like(tokens, dtype=torch.bool))
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, self.rope, meta)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(), IGNORE_INDEX)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,139 @@
+"""Cross-entropy of `hidden @ weight.T` that never holds the whole (tokens, vocab) logits.
+
+The forward walks the tokens in chunks; for each chunk it takes the logits (one matmul), the float32
+log-sum-exp and loss, and at once the gradient of the loss w.r.t. those logits (softmax - one-hot), which it
+turns into this chunk's rows of grad_hidden and a float32 running sum of grad_weight (two more matmuls). Backward
+only scales those two by grad_output. That is the three matmuls of a plain forward+backward, no recompute, and
+memory O(tokens*dim + vocab*dim + chunk*vocab) instead of the O(tokens*vocab) logits saved for backward.
+
+Our own code rather than a library: cut-cross-entropy 25.1.1 was slower on an H200 and filters small gradients
+by default (2e-2 relative gradient difference); Liger's fused linear cross-entropy is reported slower than plain.
+
+This module imports only torch: the model package stays self-contained, and the model's forward calls it (under
+FSDP2 the output weight is gathered only inside the root module's forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Tokens per chunk. The chunk's logits (bfloat16 from the matmul; the gradient is written back into the same
+# buffer) are CHUNK_TOKENS * vocab * 2 bytes: 4096 tokens -> 1.2 GB at Qwen3's vocab 151,936. Measured on an
+# H200 (benchmarks/loss.py --chunks): smaller chunks are slower (more, thinner matmuls), larger ones buy no speed.
+CHUNK_TOKENS = 4096
+
+
+def _chunk_loss_and_grad(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Summed float32 cross-entropy of `logits` (chunk, vocab) against `labels`, and its gradient w.r.t. the
+    logits, softmax - one-hot (zero rows where the label is ignored), in the logits' dtype. Compiled, this is one
+    kernel (log-sum-exp and gradient row by row); writing the gradient over `logits` instead measured slower (two
+    kernels, 113 vs 111 ms at 65,536 tokens), so the chunk's logits and gradient coexist."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    valid = (labels != ignore_index)[:, None]
+    target = torch.where(valid, labels[:, None], 0)
+    loss = torch.where(valid, lse - x.gather(1, target), 0.0).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == target
+    grad = torch.where(valid, torch.exp(x - lse) - one_hot.float(), 0.0)
+    return loss, grad.to(logits.dtype)
+
+
+def _chunk_loss(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The loss alone (evaluation): summed float32 cross-entropy of `logits` against `labels`."""
+    x = logits.float()
+    valid = (labels != ignore_index)[:, None]
+    target = torch.where(valid, labels[:, None], 0)
+    return torch.where(valid, torch.logsumexp(x, dim=-1, keepdim=True) - x.gather(1, target), 0.0).sum()
+
+
+def _scale_to(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (grad * scale).to(dtype)
+
+
+_compiled: dict = {}
+
+
+def _kernel(fn):
+    """`fn` compiled with torch.compile on CUDA (one fused pass over the chunk instead of a dozen eager ones);
+    eager elsewhere, where compiling would cost more than it saves (CPU tests stay seconds long)."""
+    def call(*args):
+        if args[0].device.type != "cuda":
+            return fn(*args)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn)
+        return _compiled[fn](*args)
+    return call
+
+
+chunk_loss_and_grad = _kernel(_chunk_loss_and_grad)
+chunk_loss = _kernel(_chunk_loss)
+scale_to = _kernel(_scale_to)
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out (float32) = a @ b, or += a @ b with `accumulate`. On CUDA the product goes into out straight from
+    cuBLAS's float32 accumulators (out_dtype); on CPU a low-precision product is rounded to a's dtype first."""
+    beta = 1 if accumulate else 0  # beta=0: out's old contents (torch.empty's) are ignored, NaN included
+    if a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, out=out)
+    elif accumulate:
+        out += a @ b
+    else:
+        out.copy_(a @ b)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int) -> Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, n, chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            logits = h @ weight.t()  # (chunk, vocab) in the inputs' dtype
+            part, grad = chunk_loss_and_grad(logits, y, ignore_index)  # grad: d loss / d logits
+            loss += part
+            if need_hidden:
+                _mm_into(grad_hidden[start:start + chunk], grad, weight, accumulate=False)
+            if need_weight:
+                _mm_into(grad_weight, grad.t(), h, accumulate=True)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = scale_to(grad_hidden, grad_output, ctx.dtypes[0])
+        if grad_weight is not None:
+            grad_weight = scale_to(grad_weight, grad_output, ctx.dtypes[1])
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                         chunk_tokens: int | None = None) -> Tensor:
+    """SUM over the labels != ignore_index of the cross-entropy of `hidden @ weight.T`, as a float32 scalar:
+    F.cross_entropy(logits.float(), labels, reduction="sum") without the logits. The caller divides by the
+    (global) number of labels.
+
+    hidden (N, dim) and weight (vocab, dim) in one dtype, the matmuls' (bfloat16 in training); labels (N,)
+    int64. Softmax and log-sum-exp in float32; gradients accumulate in float32 and come back in the inputs'
+    dtypes. `chunk_tokens` (default CHUNK_TOKENS) sets how many rows of logits exist at a time.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
+                         f"labels {tuple(labels.shape)} must be (N, dim), (vocab, dim) and (N,)")
+    chunk = chunk_tokens or CHUNK_TOKENS
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)  # evaluation: no gradient work
+    for start in range(0, hidden.shape[0], chunk):
+        loss += chunk_loss(hidden[start:start + chunk] @ weight.t(), labels[start:start + chunk], ignore_index)
+    return loss

@@ -1,0 +1,73 @@
+"""Export a training checkpoint as a Hugging Face Qwen3 model folder that transformers loads.
+
+    python scripts/export_hf.py RUN_DIR [--step N] [--dtype bfloat16] DEST
+
+Writes DEST/config.json and DEST/model.safetensors (Qwen3ForCausalLM.from_pretrained(DEST) loads them), and the
+tokenizer's files: the HF tokenizer folder's own tokenizer.json and tokenizer_config.json when the run used one,
+else the run's default BPE as tokenizer.json with its EOS in tokenizer_config.json. The model is gathered whole in
+this process (float32 by default: the training weights as they are). Exit code 2, with one line, on a DEST that
+holds files, a step that has no checkpoint, or a run folder that is not one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from recipes import checkpoint, data
+from recipes.config import expand_path, load_config, model_shape
+from recipes.errors import USER_ERROR_EXIT_CODE, UserError
+from recipes.outputs import SAVED_CONFIG
+from recipes.qwen3.hf import save_hf_checkpoint
+from recipes.qwen3.model import Qwen3Model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> Path:
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
+    config = load_config(str(run_dir / SAVED_CONFIG))
+    folder = checkpoint.find(run_dir / "checkpoints", step)
+    tokenizer = data.build_tokenizer(config.data, data.default_cache_dir())
+    model = Qwen3Model(model_shape(config, tokenizer.eos_id))
+    checkpoint.load_model_weights(folder, model)
+    save_hf_checkpoint(model.to(dtype), dest)
+    source = expand_path(config.data.tokenizer)
+    source = source.parent if source.is_file() else source
+    if config.data.tokenizer != "default" and source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, dest / name)
+    else:  # the default BPE, or a hub id (whose files were read through the hub cache)
+        (dest / "tokenizer.json").write_text(tokenizer.engine.to_str())
+        (dest / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1) + "\n")
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("dest", type=Path, metavar="DEST")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args()
+    try:
+        folder = export(args.run_dir, args.step, args.dest, getattr(torch, args.dtype))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    print(f"exported {folder} to {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
