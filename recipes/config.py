@@ -199,12 +199,16 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     config = Config()
     if path is not None:
+        file = expand_path(path)
+        if not file.is_file():
+            what = f"file {path} not found" if not file.exists() else f"{path} is not a regular file"
+            raise UserError(f"--config: {what}; pass an existing TOML file, e.g. configs/qwen3_debug.toml")
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"--config: file {path} not found; pass an existing TOML file, e.g. configs/qwen3_debug.toml") from None
-        except tomllib.TOMLDecodeError as error:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"--config: {path} is not valid TOML ({error}); fix the line it names") from None
+        except OSError as error:  # unreadable: permissions, I/O
+            raise UserError(f"--config: {path} cannot be read ({error.strerror}); check its permissions") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise UserError(f"{path}: top-level key {section!r} must be a [section]{_closest(section, _SECTIONS)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import sysconfig
 import zlib
@@ -31,9 +32,10 @@ from recipes.qwen3.model import IGNORE_INDEX
 DEFAULT_EOS = "<|endoftext|>"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_CACHE_VERSION = "v1"  # bump when the cached tokenizer or token-file format changes
+_CACHE_VERSION = "v2"  # bump when the cached tokenizer or token-file format changes (v2: checksum records)
 _ENCODE_CHUNK = 256  # documents per encode_batch call: large enough for the Rust thread pool, small in memory
 _HUB_SHUFFLE_BUFFER = 10_000
+log = logging.getLogger(__name__)
 HASH_DIGITS = 16  # hex digits of a sha256 kept in cache names and stream identities: 64 bits, no collisions in practice
 _SHOWN_HASH_DIGITS = 8  # enough to tell corpora apart in a log line
 HELDOUT_EVERY = 20  # about 1 document in 20 is held out of training, chosen by a hash of its text
@@ -72,37 +74,74 @@ def _missing_field(file: Path, text_field: str, keys) -> UserError:
                      f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text")
 
 
-def _records_text(file: Path, records: Iterable[dict], text_field: str) -> Iterator[str]:
-    for record in records:
+def _bad_record(where: str, what: str) -> UserError:
+    return UserError(f"data.dataset: {where}: {what}; fix or remove that record, or point data.dataset elsewhere")
+
+
+def _records_text(file: Path, records: Iterable[tuple[str, object]], text_field: str) -> Iterator[str]:
+    """The text of each (where, record) pair; `where` names the file and line (or array index) for errors."""
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise _bad_record(where, f"a record must be a JSON object, got {type(record).__name__}")
         if text_field not in record:
             raise _missing_field(file, text_field, record)
-        yield record[text_field]
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):
+            raise _bad_record(where, f"{text_field!r} must be a string, got {type(text).__name__}")
+        yield text
+
+
+def _json_lines(file: Path, handle) -> Iterator[tuple[str, object]]:
+    for number, line in enumerate(handle, start=1):
+        if line.strip():
+            try:
+                yield f"{file}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise _bad_record(f"{file}:{number}", f"not a JSON line ({error.msg})") from None
 
 
 def _file_documents(file: Path, text_field: str) -> Iterator[str]:
     suffix = file.suffix.lower()
     if suffix == ".txt":
-        yield file.read_text(encoding="utf-8", errors="replace")
+        yield file.read_text(encoding="utf-8", errors="replace")  # text files: a stray byte is not worth a stop
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         schema = pq.read_schema(file)
         if text_field not in schema.names:
             raise _missing_field(file, text_field, schema.names)
+        if schema.field(text_field).type not in ("string", "large_string"):
+            raise _bad_record(f"{file} column {text_field!r}", f"must hold strings, holds {schema.field(text_field).type}")
         for batch in pq.ParquetFile(file).iter_batches(columns=[text_field]):
             yield from batch.column(0).to_pylist()
     else:  # .jsonl, or .json holding either JSON lines or one array of records
         with file.open(encoding="utf-8") as handle:
-            head = handle.read(4096).lstrip()[:1]
-            handle.seek(0)
             try:
+                head = handle.read(4096).lstrip()[:1]
+                handle.seek(0)
                 if head == "[":
-                    yield from _records_text(file, json.load(handle), text_field)
+                    try:
+                        records = json.load(handle)
+                    except json.JSONDecodeError as error:
+                        raise _bad_record(f"{file}:{error.lineno}", f"not valid JSON ({error.msg})") from None
+                    yield from _records_text(file, ((f"{file} record {i}", r) for i, r in enumerate(records)),
+                                             text_field)
                 else:
-                    yield from _records_text(file, (json.loads(line) for line in handle if line.strip()), text_field)
-            except json.JSONDecodeError as error:
-                raise UserError(f"data.dataset: {file} is not valid JSON lines ({error}); "
-                                "fix the file or point data.dataset elsewhere") from None
+                    yield from _records_text(file, _json_lines(file, handle), text_field)
+            except UnicodeDecodeError:
+                raise _bad_record(*_first_non_utf8(file)) from None
+
+
+def _first_non_utf8(file: Path) -> tuple[str, str]:
+    """(file:line, what) of the first byte that is not UTF-8, read again in binary: the text reader's offsets count
+    from its buffer, not from the file."""
+    data = file.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return f"{file}:{line}", f"not UTF-8 (byte {error.start})"
+    return str(file), "not UTF-8"
 
 
 def local_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -163,6 +202,41 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_of(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_cached(path: Path, write) -> None:
+    """A cache file and, beside it, the size and sha256 it had when built (the record is written last)."""
+    _write_atomic(path, write)
+    record = json.dumps({"size": path.stat().st_size, "sha256": _sha256(path)})
+    _write_atomic(_record_of(path), lambda handle: handle.write(record.encode()))
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cache file exists with the size and sha256 recorded when it was built. A damaged or truncated
+    one (or one without its record) is named in a warning, and the caller rebuilds it."""
+    if not path.exists():
+        return False
+    try:
+        record = json.loads(_record_of(path).read_text())
+        if path.stat().st_size == record["size"] and _sha256(path) == record["sha256"]:
+            return True
+        why = "its size or checksum differs from when it was built"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = f"its record {_record_of(path).name} is missing or unreadable"
+    log.warning("cache: %s is damaged (%s); rebuilding it", path, why)
+    return False
+
+
 # ----------------------------------------------------------------------------------------------- tokenizers
 
 
@@ -214,9 +288,9 @@ def _default_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
         raise UserError(f"data.vocab_size: {data.vocab_size} is below the byte-level minimum {minimum}; raise it")
     key = corpus_hash(stdlib_documents())
     path = Path(cache_dir) / f"tokenizer-bpe{data.vocab_size}-stdlib-{key[:HASH_DIGITS]}-{_CACHE_VERSION}.json"
-    if not path.exists():
+    if not _intact(path):
         engine = train_default_tokenizer(stdlib_documents(), data.vocab_size)
-        _write_atomic(path, lambda handle: handle.write(engine.to_str().encode()))
+        _write_cached(path, lambda handle: handle.write(engine.to_str().encode()))
     engine = tokenizers.Tokenizer.from_file(str(path))
     return Tokenizer(engine, data.eos_token or DEFAULT_EOS, f"default BPE {data.vocab_size} (stdlib {key[:_SHOWN_HASH_DIGITS]})")
 
@@ -225,8 +299,16 @@ def _config_eos(folder: Path) -> str:
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return ""
-    eos = json.loads(config.read_text()).get("eos_token") or ""
-    return eos.get("content", "") if isinstance(eos, dict) else eos
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise UserError(f"data.tokenizer: {config} is not JSON ({error}); fix it, or set data.eos_token") from None
+    eos = (settings.get("eos_token") if isinstance(settings, dict) else None) or ""
+    eos = eos.get("content", "") if isinstance(eos, dict) else eos
+    if not isinstance(eos, str):
+        raise UserError(f"data.tokenizer: {config}: eos_token must be a string, got {type(eos).__name__}; fix it, "
+                        "or set data.eos_token")
+    return eos
 
 
 def _file_tokenizer(data: DataConfig, tokenizer_json: Path, name: str) -> Tokenizer:
@@ -498,11 +580,14 @@ def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer,
     key = f"{corpus_key}-{tokenizer.hash[:HASH_DIGITS]}-{_CACHE_VERSION}"
     tokens_path = Path(cache_dir) / f"corpus-{key}.tokens.npy"
     offsets_path = Path(cache_dir) / f"corpus-{key}.offsets.npy"
-    if not (tokens_path.exists() and offsets_path.exists()):
+    if not (_intact(tokens_path) and _intact(offsets_path)):
         tokens, offsets = _tokenize_documents(documents(), tokenizer)
+        if int(tokens.max()) >= tokenizer.vocab_size:
+            raise UserError(f"data.tokenizer: {tokenizer.name} produced token id {int(tokens.max())}, outside its "
+                            f"vocabulary of {tokenizer.vocab_size}; the tokenizer file is inconsistent, replace it")
         # Ranks that miss together write identical files, so whichever rename lands last is as good.
-        _write_atomic(tokens_path, lambda handle: np.save(handle, tokens))
-        _write_atomic(offsets_path, lambda handle: np.save(handle, offsets))
+        _write_cached(tokens_path, lambda handle: np.save(handle, tokens))
+        _write_cached(offsets_path, lambda handle: np.save(handle, offsets))
     return np.load(tokens_path, mmap_mode="r"), np.load(offsets_path), corpus_key
 
 

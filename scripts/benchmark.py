@@ -5,7 +5,11 @@ corpus) read back from its metrics.jsonl; the torchtitan baseline runs `torchrun
 model shape, documents, tokenizer and batch. Run on the GPU machine:
 
     python scripts/benchmark.py --tokenizer /path/to/qwen3-tokenizer --out results/   # table on stdout
-    python scripts/benchmark.py --cases varlen-document-4096-compile --torchtitan none --gqa-memory
+    python scripts/benchmark.py --cases varlen-document-8192-compile-fa4 varlen-document-8192-compile-fa4-b8 \
+        --torchtitan none --nproc 1
+
+A case is BACKEND-MASK-SEQ-MODE[-OPTION...]: MODE is compile or eager; options are a varlen kernel (torch, fa4),
+bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, and f=FLAVOR (default --flavor).
 """
 
 from __future__ import annotations
@@ -34,11 +38,23 @@ TOKENS_PER_GPU = 16384
 TORCHTITAN_MASK = {"causal": "causal", "document": "block_causal"}
 
 
-def parse_case(case: str) -> dict:
-    backend, mask, seq_len, mode = case.split("-")
+def parse_case(case: str, flavor: str) -> dict:
+    backend, mask, seq_len, mode, *options = case.split("-")
     seq = int(seq_len)
-    return {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
-            "local_batch_size": max(1, TOKENS_PER_GPU // seq)}
+    spec = {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
+            "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor}
+    for option in options:
+        if option in ("torch", "fa4"):
+            spec["kernel"] = option
+        elif option.startswith("b"):
+            spec["local_batch_size"] = int(option[1:])
+        elif option.startswith("ac="):
+            spec["ac"] = option[3:]
+        elif option.startswith("f="):
+            spec["flavor"] = option[2:]
+        else:
+            raise SystemExit(f"benchmark.py: unknown option {option!r} in case {case!r}")
+    return spec
 
 
 def summarize(rows: list[dict], skip: int) -> dict:
@@ -59,12 +75,14 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         str(REPO / "train.py"),
         "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
-        "--model.flavor", args.flavor, "--model.mask", spec["mask"],
+        "--model.flavor", spec["flavor"], "--model.mask", spec["mask"], "--model.kernel", spec["kernel"],
+        "--training.activation_checkpoint", spec["ac"],
         "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
         "--training.steps", str(args.steps), "--training.compile", str(spec["compile"]).lower(),
         "--training.dtype", "bfloat16", "--optimizer.warmup_steps", "10",
         "--data.tokenizer", args.tokenizer, "--checkpoint.enable", "false", "--checkpoint.resume", "false",
         "--metrics.log_every", "1", "--metrics.wandb", "false", "--job.output_dir", str(out),
+        "--metrics.profile", str(spec["case"] in args.profile).lower(),
     ]
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
@@ -75,7 +93,12 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
                 "wall_s": time.time() - started}
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started}
+    kernel = re.search(r"attention: varlen runs (.*?) on", log.read_text())
+    result = {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started,
+              "kernel_ran": kernel[1] if kernel else None}
+    if (out / "profile" / "top_kernels.txt").is_file():
+        result["profile"] = (out / "profile" / "top_kernels.txt").read_text()
+    return result
 
 
 def torchtitan_setup(args, work: Path) -> Path:
@@ -97,7 +120,7 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
         "torchtitan.train",
         "--job.config_file", str(tt / "base.toml"), "--job.dump_folder", str(work / f"tt-{spec['case']}"),
         "--model.hf_assets_path", args.tokenizer, "--experimental.custom_import", "ttflavors",
-        "--model.flavor", f"{args.flavor}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
+        "--model.flavor", f"{spec['flavor']}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
         "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
         "--training.steps", str(args.steps), "--training.dataset_path", str(corpus), "--metrics.log_freq", "1",
         "--compile.enable" if spec["compile"] else "--compile.no-enable",
@@ -144,17 +167,16 @@ def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| impl | backend | mask | seq × local batch | compile | tokens/s/GPU | MFU (useful) | MFU (torchtitan) | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | case | flavor | seq × local batch | AC | tokens/s/GPU | MFU (useful) | MFU (torchtitan) | "
+             "peak mem GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        head = f"| {r['impl']} | {r['case']} | {r['flavor']} | {r['seq_len']} × {r['local_batch_size']} | {r['ac']} |"
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['backend']} | {r['mask']} | {r['seq_len']} × {r['local_batch_size']} | "
-                         f"{r['compile']} | failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | |")
             continue
         pct = lambda x: "—" if x is None else f"{x:.1%}"
-        lines.append(f"| {r['impl']} | {r['backend']} | {r['mask']} | {r['seq_len']} × {r['local_batch_size']} | "
-                     f"{r['compile']} | {r['tokens_per_sec_per_gpu']:,.0f} | {pct(r['mfu'])} | "
-                     f"{pct(r['mfu_torchtitan'])} | {r['peak_memory_gib']:.1f} |")
+        lines.append(f"{head} {r['tokens_per_sec_per_gpu']:,.0f} | {pct(r['mfu'])} | {pct(r['mfu_torchtitan'])} | "
+                     f"{r['peak_memory_gib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -165,7 +187,8 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
     parser.add_argument("--torchtitan", nargs="*", default=DEFAULT_TORCHTITAN, help="cases for the baseline; 'none'")
     parser.add_argument("--gqa-memory", action="store_true")
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per case")
+    parser.add_argument("--profile", nargs="*", default=[], help="cases to run with [metrics] profile")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compile, warm-up)")
     parser.add_argument("--case-timeout", type=int, default=240)
@@ -182,7 +205,7 @@ def main() -> int:
     plan = [("torchtitan", c) for c in args.torchtitan if c != "none"] + [("ours", case) for case in args.cases]
     corpus = torchtitan_setup(args, work) if any(impl == "torchtitan" for impl, _ in plan) else None
     for impl, case in plan:
-        spec = parse_case(case)
+        spec = parse_case(case, args.flavor)
         result = run_ours(spec, args, work) if impl == "ours" else run_torchtitan(spec, args, work, corpus)
         report["results"].append(result)
         print(markdown([result]).splitlines()[-1], flush=True)

@@ -14,7 +14,7 @@ import torch
 
 from recipes.config import DataConfig, check_fits, load_config, model_shape
 from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, is_heldout,
-                          stdlib_documents, train_default_tokenizer)
+                          _write_cached, stdlib_documents, train_default_tokenizer)
 from recipes.errors import UserError
 from recipes.qwen3.model import IGNORE_INDEX
 
@@ -75,7 +75,7 @@ def test_default_tokenizer_is_deterministic_and_cached(cache_dir, tokenizer, tmp
     other_dir = tmp_path / "cache"
     other_dir.mkdir()
     small = train_default_tokenizer(["a tiny corpus, a tiny corpus"], 300)
-    (other_dir / cache_file.name).write_text(small.to_str())
+    _write_cached(other_dir / cache_file.name, lambda handle: handle.write(small.to_str().encode()))
     start = time.perf_counter()
     assert build_tokenizer(DataConfig(), other_dir).vocab_size == small.get_vocab_size() < 2048
     assert time.perf_counter() - start < 2.0
@@ -322,3 +322,40 @@ def test_boundary_loss_masking_ignores_the_label_of_the_next_documents_first_tok
     assert ignored.any() and (plain.inputs[ignored[:, :-1].nonzero(as_tuple=True)] == tokenizer.eos_id).all()
     assert masked.count_labels() == plain.count_labels() - int(ignored.sum())
     assert torch.equal(masked.labels[~ignored], plain.labels[~ignored])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": 7}\n', ":2: 'text' must be a string, got int"),
+    (b'{"text": "fine"}\n\n["a", "list"]\n', ":3: a record must be a JSON object, got list"),
+    (b'{"text": "fine"}\n{"text": "broken\n', ":2: not a JSON line"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', ":2: not UTF-8 (byte 30)"),
+    (b'[{"text": "fine"}, {"text": null}, {"text": ["x"]}]', " record 2: 'text' must be a string, got list"),
+], ids=["not-a-string", "not-an-object", "torn-line", "latin-1", "array"])
+def test_malformed_records_name_the_file_and_line(tokenizer, cache_dir, tmp_path, content, message):
+    path = tmp_path / ("corpus.json" if content.startswith(b"[") else "corpus.jsonl")
+    path.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        loader(path, tokenizer, cache_dir)
+    assert str(error.value).startswith(f"data.dataset: {path}{message}"), str(error.value)
+
+
+@pytest.mark.parametrize("content", ['{"eos_token": ', '{"eos_token": 5}'], ids=["not-json", "not-a-string"])
+def test_a_bad_tokenizer_config_is_a_user_error(tokenizer, tmp_path, content):
+    (tmp_path / "tokenizer.json").write_text(tokenizer.engine.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(UserError, match=rf"^data.tokenizer: {tmp_path / 'tokenizer_config.json'}"):
+        build_tokenizer(DataConfig(tokenizer=str(tmp_path)), tmp_path)
+
+
+def test_a_damaged_cache_file_is_named_and_rebuilt(jsonl, tokenizer, tmp_path, caplog):
+    """Cache files record their size and sha256 when built; one truncated or changed since is rebuilt."""
+    cache = tmp_path / "cache"
+    expected = batches(loader(jsonl, tokenizer, cache), 3)
+    [tokens_file] = cache.glob("corpus-*.tokens.npy")
+    for damage in (lambda data: data[:-8], lambda data: data[:-8] + bytes(8)):  # truncated, then overwritten
+        tokens_file.write_bytes(damage(tokens_file.read_bytes()))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recipes.data"):
+            again = batches(loader(jsonl, tokenizer, cache), 3)
+        assert f"cache: {tokens_file} is damaged" in caplog.text
+        assert all(torch.equal(a, b) for a, b in zip(again, expected))

@@ -307,13 +307,14 @@ FOR_RUN = textwrap.dedent("""
     from recipes.hold import RunHold
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    for folder in sys.argv[1:]:
-        try:
-            with RunHold.for_run(Path(folder), rank == 0) as hold:
-                print(f"rank{rank} held={hold.held} files={','.join(hold.files)}", flush=True)
-                dist.barrier()
-        except UserError as error:
-            print(f"rank{rank} refused {error}", flush=True)
+    with open(f"{sys.argv[1]}.rank{rank}", "w") as report:  # one file per rank: their stdout lines interleave
+        for folder in sys.argv[2:]:
+            try:
+                with RunHold.for_run(Path(folder), rank == 0) as hold:
+                    print(f"rank{rank} held={hold.held} files={','.join(hold.files)}", file=report)
+                    dist.barrier()
+            except UserError as error:
+                print(f"rank{rank} refused {error}", file=report)
     dist.destroy_process_group()
 """)
 
@@ -325,13 +326,13 @@ def test_for_run_takes_one_hold_on_rank_0_and_refuses_on_every_rank(tmp_path):
         script = tmp_path / "for_run.py"
         script.write_text(FOR_RUN)
         result = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone",
-                                 "--nproc_per_node=2", str(script), str(held), str(free)],
+                                 "--nproc_per_node=2", str(script), str(tmp_path / "report"), str(held), str(free)],
                                 cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                                 timeout=300)
     finally:
         stop(holder)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"report.rank{rank}").read_text().splitlines()]
     refusals = [line.split(" refused ", 1)[1] for line in lines if " refused " in line]
     assert len(refusals) == 2 and refusals[0] == refusals[1] and f"pid {holder.pid}" in refusals[0], lines
     assert f"rank0 held=True files={HOLD_FILE}" in lines and f"rank1 held=False files={HOLD_FILE}" in lines, lines

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The 1×H200 measurements in docs/results.md, on a machine that has the GPU image's python3 (torch 2.11):
+# GPU tests (FA4 against float64 and FA2), the fused loss against the plain one, scripts/benchmark.py beside
+# torchtitan 0.2.2's Trainer, the largest batch at 8192, a profile, and the flavors × activation-checkpointing
+# memory table. Results go to DEST (default $OUT).
+#   bash scripts/gpu_h200.sh WHEELS_DIR QWEN3_TOKENIZER_DIR PART [DEST]
+# WHEELS_DIR: wheels the image lacks (../shared/gpu-wheels/download.sh, cut-cross-entropy); FA4 must already be
+# importable (source .fa4/b/install.sh first). QWEN3_TOKENIZER_DIR: benchmarks/prepare_qwen3_tokenizer.sh's
+# folder (tokenizer.json may be xz'ed). PART: tests | speed | memory | all.
+set -u
+wheels=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd); part=$3
+dest=${4:-${OUT:-/tmp/h200-results}}
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl 2>&1 | grep -v WARNING
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+[ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
+  && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$dest/machine.txt"
+bench() { python3 scripts/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 20 --skip 8 --case-timeout 200 "$@"; }
+
+if [ "$part" = tests ] || [ "$part" = all ]; then
+  GPU_RESULTS_DIR="$dest" python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tail -15
+  python3 benchmarks/loss.py --out "$dest/loss.json" 2>&1 | tail -12
+fi
+if [ "$part" = speed ] || [ "$part" = all ]; then
+  bench --torchtitan sdpa-causal-4096-compile varlen-document-8192-compile \
+    --cases sdpa-causal-4096-compile varlen-document-4096-compile-fa4 flex-document-4096-compile \
+            sdpa-causal-8192-compile varlen-document-8192-compile-torch varlen-document-8192-compile-fa4 \
+            flex-document-8192-compile varlen-document-8192-compile-fa4-b4 varlen-document-8192-compile-fa4-b8 \
+            varlen-document-8192-compile-fa4-b12 \
+    --profile varlen-document-8192-compile-fa4-b4 --out "$dest/speed" 2>&1 | tail -16
+fi
+if [ "$part" = memory ] || [ "$part" = all ]; then
+  cases=()
+  for flavor in 0.6B 1.7B 4B 8B; do
+    for ac in none selective full; do cases+=("varlen-document-4096-compile-fa4-b4-ac=$ac-f=$flavor"); done
+  done
+  bench --torchtitan none --steps 12 --skip 6 --cases "${cases[@]}" --out "$dest/memory" 2>&1 | tail -14
+fi
