@@ -24,7 +24,6 @@ from matplotlib.figure import Figure  # the object API needs no pyplot backend, 
 from recipes.errors import UserError
 from recipes.runs import WANDB_API_PREFIX, Run, load_run
 
-METRIC = "loss"
 # 1.5 × the noise floor measured on 2×H100 (docs/results/gpu-proof): two varlen runs of configs/qwen3_varlen.toml,
 # same seed and data, differing only in kernel non-determinism, had max |Δloss| 0.235 and mean 0.0205 over 400 steps.
 DEFAULT_MAX_TOLERANCE = 0.35
@@ -81,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="train.py output dir, W&B offline-run-* folder or .wandb file, or wandb:ENTITY/PROJECT/RUN_ID")
+    parser.add_argument("--metric", default="loss",
+                        help="the logged value to compare: loss (default), val_loss ([eval] interval), or any other")
     parser.add_argument("--tolerance", type=nonnegative_float, default=DEFAULT_MAX_TOLERANCE,
                         help=f"largest |loss difference| allowed at any step (default {DEFAULT_MAX_TOLERANCE}: 1.5 × the measured noise floor)")
     parser.add_argument("--mean-tolerance", type=nonnegative_float, default=DEFAULT_MEAN_TOLERANCE,
@@ -111,10 +112,11 @@ def unique_labels(runs: list[Run]) -> None:
         raise UserError("two RUNs have the same label; name them with --labels a,b,...")
 
 
-def losses(run: Run) -> dict[int, float]:
-    values = {row["step"]: float(row[METRIC]) for row in run.rows if row.get(METRIC) is not None}
+def losses(run: Run, metric: str) -> dict[int, float]:
+    values = {row["step"]: float(row[metric]) for row in run.rows if row.get(metric) is not None}
     if not values:
-        raise UserError(f"{run.source}: no '{METRIC}' logged; pass a run that logged at least one step")
+        hint = "set [eval] interval in its config" if metric == "val_loss" else "pass a run that logged at least one step"
+        raise UserError(f"{run.source}: no '{metric}' logged; {hint}")
     return values
 
 
@@ -136,8 +138,9 @@ def summarize(diffs: dict[int, float]) -> tuple[float | None, int | None, float 
     return finite[at_step], at_step, sum(finite.values()) / len(finite)
 
 
-def compare_pair(a: Run, b: Run, skip_steps: int, max_tolerance: float, mean_tolerance: float) -> PairResult:
-    loss_a, loss_b = losses(a), losses(b)
+def compare_pair(a: Run, b: Run, metric: str, skip_steps: int, max_tolerance: float,
+                 mean_tolerance: float) -> PairResult:
+    loss_a, loss_b = losses(a, metric), losses(b, metric)
     steps = sorted(step for step in loss_a.keys() & loss_b.keys() if not skip_steps or step > skip_steps)
     if not steps:
         raise UserError(f"{a.source} and {b.source} share no logged step after --skip-steps {skip_steps}; "
@@ -173,7 +176,7 @@ def verdict(pair: PairResult, args: argparse.Namespace) -> str:
 
 
 def print_report(runs: list[Run], pairs: list[PairResult], args: argparse.Namespace) -> None:
-    print(f"{METRIC}: {len(runs)} runs; tolerance max |diff| <= {args.tolerance:g}, mean |diff| <= {args.mean_tolerance:g}"
+    print(f"{args.metric}: {len(runs)} runs; tolerance max |diff| <= {args.tolerance:g}, mean |diff| <= {args.mean_tolerance:g}"
           + (f"; steps <= {args.skip_steps} skipped" if args.skip_steps else ""))
     width = max(len(run.label) for run in runs)
     for run in runs:
@@ -204,24 +207,24 @@ def plot(runs: list[Run], pairs: list[PairResult], args: argparse.Namespace, pat
     figure = Figure(figsize=(10, 7), layout="constrained")
     curves, differences = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     for run in runs:
-        loss = losses(run)
+        loss = losses(run, args.metric)
         curves.plot(sorted(loss), [loss[step] for step in sorted(loss)], label=run.label, linewidth=1)
-    curves.set_ylabel(METRIC)
+    curves.set_ylabel(args.metric)
     curves.legend()
     verdict = "agree" if all(pair.passed for pair in pairs) else "DISAGREE"
-    curves.set_title(f"{METRIC} per run: {verdict} (max |Δ| ≤ {args.tolerance:g}, mean |Δ| ≤ {args.mean_tolerance:g})")
+    curves.set_title(f"{args.metric} per run: {verdict} (max |Δ| ≤ {args.tolerance:g}, mean |Δ| ≤ {args.mean_tolerance:g})")
     for pair in pairs:
         steps = sorted(pair.aligned)
         differences.plot(steps, [pair.aligned[step] for step in steps], label=f"{pair.a} vs {pair.b}", linewidth=1)
     if args.tolerance > 0:
         differences.axhline(args.tolerance, color="red", linestyle="--", linewidth=1, label="--tolerance")
     if args.skip_steps:
-        first_step = min(min(losses(run)) for run in runs)
+        first_step = min(min(losses(run, args.metric)) for run in runs)
         differences.axvspan(first_step, args.skip_steps, color="grey", alpha=0.2, label="skipped")
     if any(diff > 0 for pair in pairs for diff in pair.aligned.values()):
         # Log scale: fp32 runs differ by ~1e-6 and bf16 runs by ~1e-2; a linear axis would flatten one of them.
         differences.set_yscale("log", nonpositive="clip")
-    differences.set_ylabel(f"|Δ{METRIC}|")
+    differences.set_ylabel(f"|Δ{args.metric}|")
     differences.set_xlabel("step")
     differences.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +239,7 @@ def default_png(first_source: str) -> Path:
 
 def write_json(path: Path, runs: list[Run], pairs: list[PairResult], args: argparse.Namespace) -> None:
     table = {
-        "metric": METRIC,
+        "metric": args.metric,
         "tolerance": {"max_abs_diff": args.tolerance, "mean_abs_diff": args.mean_tolerance},
         "skip_steps": args.skip_steps,
         "runs": [{"label": run.label, "source": run.source, "steps": len(run.rows)} for run in runs],
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             for run, label in zip(runs, args.labels.split(",")):
                 run.label = label
         unique_labels(runs)
-        pairs = [compare_pair(a, b, args.skip_steps, args.tolerance, args.mean_tolerance)
+        pairs = [compare_pair(a, b, args.metric, args.skip_steps, args.tolerance, args.mean_tolerance)
                  for a, b in itertools.combinations(runs, 2)]
     except UserError as error:
         print(f"compare_runs.py: error: {error}", file=sys.stderr)

@@ -19,24 +19,22 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 [ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
   && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$dest/machine.txt"
-bench() { python3 scripts/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 20 --skip 8 --case-timeout 200 "$@"; }
+bench() { python3 scripts/benchmark.py --tokenizer "$tokenizer" --nproc 1 --case-timeout 120 "$@"; }
 
 if [ "$part" = tests ] || [ "$part" = all ]; then
-  GPU_RESULTS_DIR="$dest" python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tail -15
+  GPU_RESULTS_DIR="$dest" python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tail -12
   python3 benchmarks/loss.py --out "$dest/loss.json" 2>&1 | tail -12
 fi
 if [ "$part" = speed ] || [ "$part" = all ]; then
-  bench --torchtitan sdpa-causal-4096-compile varlen-document-8192-compile \
-    --cases sdpa-causal-4096-compile varlen-document-4096-compile-fa4 flex-document-4096-compile \
-            sdpa-causal-8192-compile varlen-document-8192-compile-torch varlen-document-8192-compile-fa4 \
-            flex-document-8192-compile varlen-document-8192-compile-fa4-b4 varlen-document-8192-compile-fa4-b8 \
-            varlen-document-8192-compile-fa4-b12 \
-    --profile varlen-document-8192-compile-fa4-b4 --out "$dest/speed" 2>&1 | tail -16
+  bench --steps 14 --skip 6 --torchtitan varlen-document-8192-compile \
+    --cases varlen-document-8192-compile-fa4 varlen-document-8192-compile-torch sdpa-causal-8192-compile \
+            varlen-document-8192-compile-fa4-b4 varlen-document-8192-compile-fa4-b8 flex-document-8192-compile \
+    --profile varlen-document-8192-compile-fa4-b4 --out "$dest/speed" 2>&1 | tail -10
 fi
 if [ "$part" = memory ] || [ "$part" = all ]; then
   cases=()
-  for flavor in 0.6B 1.7B 4B 8B; do
+  for flavor in 0.6B 1.7B 4B; do
     for ac in none selective full; do cases+=("varlen-document-4096-compile-fa4-b4-ac=$ac-f=$flavor"); done
   done
-  bench --torchtitan none --steps 12 --skip 6 --cases "${cases[@]}" --out "$dest/memory" 2>&1 | tail -14
+  bench --steps 10 --skip 5 --torchtitan none --cases "${cases[@]}" --out "$dest/memory" 2>&1 | tail -11
 fi

@@ -1,7 +1,11 @@
-"""Fixtures shared by the test suite: packed token batches, a float64 attention reference written from scratch,
-and a way to make RMSNorm weights informative."""
+"""Fixtures shared by the test suite: packed document starts, a float64 attention reference written from scratch,
+and a way to make RMSNorm weights informative; and the tiers: tests/quick (seconds each), tests/process (real
+train.py, torchrun and SLURM processes, marked `process`), tests/gpu (`-m gpu`)."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,8 +103,31 @@ def randomize_norms():
 @pytest.fixture(scope="session")
 def env(tmp_path_factory) -> dict:
     """The environment for train.py processes, with the default tokenizer and tokenized corpus built once per
-    test session (tests/train_process.py says what else it sets)."""
+    test session (tests/process/train_process.py says what else it sets)."""
     from train_process import train_env as make_env
 
     base = tmp_path_factory.mktemp("train-env")
     return make_env(base / "recipes-cache", base / "wandb-home")
+
+
+TESTS = Path(__file__).resolve().parent
+SLURM_HINT = "slurm-wlm is not installed: `bash .ci/slurm-setup.sh` installs it (scripts/install.sh --test does too)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the process tier by folder. SLURM tests need slurm-wlm: where it is missing they are deselected,
+    with a note, unless the run asked for them (-m slurm, or their folder), in which case they fail saying so."""
+    for item in items:
+        if TESTS / "process" in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.process)
+    if shutil.which("slurmctld") is not None:
+        return
+    asked = "slurm" in (config.option.markexpr or "").replace("not slurm", "") or any(
+        "slurm" in Path(arg).parts for arg in config.args)
+    slurm = [item for item in items if item.get_closest_marker("slurm")]
+    if slurm and not asked:
+        config.hook.pytest_deselected(items=slurm)
+        items[:] = [item for item in items if not item.get_closest_marker("slurm")]
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"{len(slurm)} SLURM tests deselected: {SLURM_HINT}")

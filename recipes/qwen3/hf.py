@@ -118,7 +118,7 @@ def read_hf_config(path: str | Path, **overrides) -> Qwen3Config:
     """The shape of the HF Qwen3 checkpoint in folder `path`, from its config.json."""
     config_json = Path(path) / "config.json"
     if not config_json.is_file():
-        raise UserError(f"model.init_from: {path} has no config.json; point it at an HF Qwen3 checkpoint folder")
+        raise UserError(f"{path}: no config.json; point model.init_from at an HF Qwen3 checkpoint folder")
     try:
         hf = json.loads(config_json.read_text())
     except (ValueError, UnicodeDecodeError) as error:

@@ -72,6 +72,20 @@ def copy_of_the_run(*values: str, change: Callable[[Path], None] = lambda run: N
     return prepare
 
 
+def latin1_corpus(tmp: Path, base: Path) -> list[str]:
+    (tmp / "corpus.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xe9"}\n')  # \xe9: é in Latin-1, not UTF-8
+    return ["--data.dataset", str(tmp / "corpus.jsonl")]
+
+
+def tokenizer_folder_with_a_broken_config(tmp: Path, base: Path) -> list[str]:
+    """A real tokenizer.json beside a tokenizer_config.json cut off mid-file."""
+    (tmp / "tok").mkdir()
+    vocab = {"a": 0, "<|endoftext|>": 1, "[UNK]": 2}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]")).save(str(tmp / "tok" / "tokenizer.json"))
+    (tmp / "tok" / "tokenizer_config.json").write_text('{"eos_token": ')
+    return ["--data.tokenizer", str(tmp / "tok")]
+
+
 def tokenizer_larger_than_the_model(tmp: Path, base: Path) -> list[str]:
     """A word-level tokenizer of 3,002 tokens (the debug model has 2,048) and a small corpus in its words."""
     vocab = {f"w{i}": i for i in range(3000)} | {"<|endoftext|>": 3000, "[UNK]": 3001}
@@ -131,7 +145,24 @@ CASES = {
     "zero_steps": Case(arguments("--training.steps", "0"), r"training\.steps: must be > 0, got 0"),
     "negative_steps": Case(arguments("--training.steps", "-3"), r"training\.steps: must be > 0, got -3"),
     "seq_len_beyond_the_flavor": Case(arguments("--training.seq_len", "4096"),
-                                      r"training\.seq_len: 4096 exceeds flavor 'debug''s max_seq_len 2048; lower it"),
+                                      r"training\.seq_len: 4096 exceeds the model's max_seq_len 2048; lower it"),
+    "seed_below_zero": Case(arguments("--training.seed", "-1"), r"training\.seed: must be >= 0, got -1"),
+    "seed_beyond_int64": Case(arguments("--training.seed", str(2**64)),
+                              r"training\.seed: must be at most 9223372036854775807, got 18446744073709551616"),
+    "steps_beyond_int32": Case(arguments("--training.steps", str(2**40)),
+                               r"training\.steps: must be at most 2147483647, got 1099511627776"),
+    "rows_beyond_int32_tokens": Case(arguments("--training.seq_len", "65536", "--training.local_batch_size", "40000"),
+                                     r"training\.local_batch_size: 40000 rows of 65537 tokens exceed 2147483647 tokens "
+                                     r"per step; lower it or training\.seq_len"),
+    "lr_nan": Case(arguments("--optimizer.lr", "nan"), r"optimizer\.lr: must be a finite number, got nan"),
+    "eps_inf": Case(arguments("--optimizer.eps", "inf"), r"optimizer\.eps: must be a finite number, got inf"),
+    "grad_norm_nan": Case(arguments("--training.max_grad_norm", "nan"),
+                          r"training\.max_grad_norm: must be a number \(inf disables clipping\), got nan"),
+    "kernel_for_sdpa": Case(arguments("--model.kernel", "fa4"),
+                            r"model\.kernel: 'fa4' chooses among varlen's kernels; use \"auto\" with attention 'sdpa'"),
+    "config_is_a_folder": Case(lambda tmp, base: ["--config", str(tmp)],
+                               r"--config: \S+ is not a regular file; pass an existing TOML file, e\.g\. "
+                               r"configs/qwen3_debug\.toml"),
     "batch_not_divisible_into_micro_batches": Case(
         arguments("--training.local_batch_size", "3", "--training.grad_accum_steps", "2"),
         r"training\.local_batch_size: 3 is not divisible by training\.grad_accum_steps=2; make it a multiple"),
@@ -149,8 +180,17 @@ CASES = {
                                          r"data\.dataset: folder \S+ holds no \.jsonl/\.json/\.parquet/\.txt files; "
                                          r"point it at a folder that does"),
     "dataset_not_json_lines": Case(corpus('{"text": "a document"}', "not json"),
-                                   r"data\.dataset: \S+/corpus\.jsonl is not valid JSON lines \(.*\); fix the file or "
-                                   r"point data\.dataset elsewhere"),
+                                   r"data\.dataset: \S+/corpus\.jsonl:2: not a JSON line \(.*\); fix or remove that "
+                                   r"record, or point data\.dataset elsewhere"),
+    "dataset_record_not_a_string": Case(corpus('{"text": "a document"}', '{"text": ["a", "list"]}'),
+                                        r"data\.dataset: \S+/corpus\.jsonl:2: 'text' must be a string, got list; .*"),
+    "dataset_line_not_an_object": Case(corpus('{"text": "a document"}', "", '"just a string"'),
+                                       r"data\.dataset: \S+/corpus\.jsonl:3: a record must be a JSON object, got str; "
+                                       r".*"),
+    "dataset_not_utf8": Case(latin1_corpus, r"data\.dataset: \S+/corpus\.jsonl:2: not UTF-8 \(byte 25\); .*"),
+    "tokenizer_config_not_json": Case(
+        tokenizer_folder_with_a_broken_config,
+        r"data\.tokenizer: \S+/tok/tokenizer_config\.json is not JSON \(.*\); fix it, or set data\.eos_token"),
     "dataset_without_the_text_field": Case(corpus('{"body": "a document"}'),
                                            r"data\.text_field: 'text' is not a field of the records in \S+ \(fields: "
                                            r"body\); set data\.text_field to the one holding the text"),
@@ -170,9 +210,12 @@ CASES = {
     "init_from_missing": Case(lambda tmp, base: ["--model.init_from", str(tmp / "hf")],
                               r"\S+/hf: no config\.json; point model\.init_from at an HF Qwen3 checkpoint folder"),
     # the output folder
-    "folder_holds_another_run": Case(copy_of_the_run("--model.attention", "flex"),
-                                     r"job\.output_dir: \S+/run holds a different run \(model\.attention: 'sdpa' "
-                                     r"there, 'flex' now\); choose a new job\.output_dir"),
+    "folder_holds_another_run": Case(copy_of_the_run("--training.seed", "1"),
+                                     r"job\.output_dir: \S+/run holds a different run \(training\.seed: 0 "
+                                     r"there, 1 now\); choose a new job\.output_dir"),
+    "steps_below_the_checkpoint": Case(copy_of_the_run("--training.steps", "1"),
+                                       r"training\.steps: 1 is below step 2 of the checkpoint \S+/step-00000002; set it "
+                                       r"to at least 2 to continue this run \(nothing was changed\)"),
     "folder_holds_this_run_but_resume_is_off": Case(copy_of_the_run("--checkpoint.resume", "false"),
                                                     r"job\.output_dir: \S+/run already holds this run; set "
                                                     r"--checkpoint\.resume true to continue it, or choose a new "

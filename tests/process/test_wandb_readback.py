@@ -15,7 +15,7 @@ import pytest
 from recipes.errors import UserError
 from recipes.runs import load_run, read_wandb_api, read_wandb_offline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
 compare_main = runpy.run_path(str(SCRIPT))["main"]
 
 # Values whose float64 repr has 17 significant digits, a NaN, and steps that start at 0 (W&B's proto omits 0).

@@ -1,5 +1,5 @@
 """The backend proof, end to end on CPU: scripts/train_backends.sh trains sdpa, flex and varlen (real torchrun
-processes, offline W&B runs) and tests/train_mutated.py trains varlen with torchtitan 0.2.1's layout mistake on the
+processes, offline W&B runs) and tests/process/train_mutated.py trains varlen with torchtitan 0.2.1's layout mistake on the
 same seed and data. compare_runs.py, the W&B read-back and eval_matrix.py must pass the three and catch the
 mutation. On CPU the backends share one math kernel, so they must agree to fp32 noise (1e-4); the mutation changes
 the function the model computes, so it lands orders of magnitude further away (> 1e-2).
@@ -40,7 +40,7 @@ def runs(env, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backend-proof")
     with open(root / "mutated.log", "w") as log:  # trains beside the launcher: two cores, one run each
         mutated = subprocess.Popen(
-            [sys.executable, "tests/train_mutated.py", "--config", "configs/qwen3_varlen.toml", *OVERRIDES,
+            [sys.executable, "tests/process/train_mutated.py", "--config", "configs/qwen3_varlen.toml", *OVERRIDES,
              "--metrics.wandb", "false", "--job.output_dir", str(root / "mutated")],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     launcher_log = root / "train_backends.log"

@@ -15,7 +15,7 @@ import pytest
 from recipes.config import load_config
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # The jobs inherit these through --export=ALL: the interpreter running the tests has the repo's dependencies.
 JOB_ENV = {"RECIPES_PYTHON": sys.executable, "NPROC_PER_NODE": "2", "WANDB_MODE": "offline"}

@@ -15,7 +15,7 @@ import pytest
 from recipes.errors import UserError
 from recipes.runs import load_run, read_metrics
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
 compare_main = runpy.run_path(str(SCRIPT))["main"]
 
 
@@ -188,3 +188,24 @@ def test_read_metrics_names_the_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\nnot json\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(tmp_path)
+
+
+def test_metric_val_loss_compares_the_validation_curve(tmp_path, capsys):
+    """--metric val_loss reads the rows that carry it ([eval] interval); the training loss agrees in both runs,
+    the validation loss does not, and only --metric val_loss sees it."""
+    runs = []
+    for name, val_offset in (("a", 0.0), ("b", 0.5)):
+        run = write_run(tmp_path / name, "sdpa" if name == "a" else "varlen")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if row["step"] % 10 == 0:
+                row["val_loss"] = reference_loss(row["step"]) + 0.1 + val_offset
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        runs.append(str(run))
+    assert compare_main([*runs, "--png", str(tmp_path / "loss.png")]) == 0
+    assert compare_main([*runs, "--metric", "val_loss", "--png", str(tmp_path / "val.png")]) == 1
+    out = capsys.readouterr().out
+    assert "val_loss: 2 runs" in out
+    no_eval = write_run(tmp_path / "c", "flex")
+    assert compare_main([runs[0], str(no_eval), "--metric", "val_loss"]) == 2
+    assert "no 'val_loss' logged; set [eval] interval in its config" in capsys.readouterr().err

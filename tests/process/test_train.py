@@ -25,7 +25,8 @@ STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
        "--training.local_batch_size", "4", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
-       "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5"]
+       "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5",
+       "--eval.interval", "5", "--eval.batches", "2"]
 BACKENDS = ("sdpa", "flex", "varlen")
 PREEMPTED_EXIT_CODE = 75
 
@@ -51,8 +52,12 @@ def runs(env, tmp_path_factory) -> dict[str, Path]:
     extra["sdpa"] += ["--metrics.wandb", "true"]
     extra["sdpa_2proc"] = ["--training.local_batch_size", "2"]
     extra["preempted"] = []
+    masked = ["--data.mask_boundary_loss", "true", "--checkpoint.enable", "false"]
+    extra["masked"] = masked
+    extra["masked_2proc"] = [*masked, "--training.local_batch_size", "2"]
+    extra["masked_accum"] = [*masked, "--training.grad_accum_steps", "2"]
     started = {name: launch(env, root / f"{name}.log", [*RUN, *args, "--job.output_dir", str(root / name)],
-                            nproc=2 if name == "sdpa_2proc" else 1)
+                            nproc=2 if name.endswith("_2proc") else 1)
                for name, args in extra.items()}
     signal_after(started["preempted"], root / "preempted" / "metrics.jsonl", steps=2)
     for name, process in started.items():
@@ -83,6 +88,25 @@ def test_one_and_two_processes_agree(runs):
     assert (runs["sdpa_2proc"] / "checkpoints" / f"step-{STEPS:08d}" / "train_state.json").is_file()
 
 
+def test_boundary_loss_masking_is_a_mean_over_all_counted_labels(runs):
+    """With [data] mask_boundary_loss the ranks and micro-batches count different numbers of labels; the loss is
+    their sum over the global count, so world size 2 and grad_accum_steps 2 give world size 1's losses."""
+    reference = losses(runs["masked"])
+    for name in ("masked_2proc", "masked_accum"):
+        gaps = [abs(a - b) for a, b in zip(reference, losses(runs[name]), strict=True)]
+        assert max(gaps) <= 1e-5, (name, gaps)
+    assert losses(runs["masked"]) != losses(runs["sdpa"])  # the masking changed what is learned
+
+
+def test_validation_loss_is_logged_at_the_interval(runs):
+    rows = read_metrics(runs["sdpa"])
+    assert [row["step"] for row in rows if "val_loss" in row] == [5, 10, 15, 20]
+    assert rows[-1]["val_loss"] < rows[4]["val_loss"]  # the held-out loss falls too
+    for backend in ("flex", "varlen"):  # the backends agree on it as on the training loss
+        other = {row["step"]: row.get("val_loss") for row in read_metrics(runs[backend])}
+        assert all(abs(row["val_loss"] - other[row["step"]]) <= 1e-4 for row in rows if "val_loss" in row)
+
+
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(runs):
     (log_file,) = (runs["sdpa"] / "wandb").glob("offline-run-*/run-*.wandb")
     logged = {row["step"]: row for row in read_metrics(runs["sdpa"])}
@@ -104,6 +128,8 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(runs, env, tmp_path)
     (b / "config.toml").write_text(to_toml(config))
     finish(launch(env, tmp_path / "b.log", ["--config", str(b / "config.toml")]), tmp_path / "b.log")
     expected = [{key: row[key] for key in ("step", "loss", "lr", "grad_norm")} for row in read_metrics(a)[15:]]
+    assert [row["val_loss"] for row in read_metrics(b) if "val_loss" in row] == \
+        [row["val_loss"] for row in read_metrics(a)[15:] if "val_loss" in row]  # a run that evaluates resumes too
     assert [{key: row[key] for key in expected[0]} for row in read_metrics(b)] == expected
 
 

@@ -18,7 +18,7 @@ from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tok
 from recipes.errors import UserError
 from recipes.qwen3.model import IGNORE_INDEX
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 from recipes.errors import UserError
 from recipes.hold import HOLD_FILE, STALE_AFTER_S, RunHold
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 # Takes the hold on argv[1] once the file argv[2] exists (if given), says "held <pid>" or "refused <message>", and

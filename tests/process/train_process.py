@@ -10,7 +10,7 @@ from pathlib import Path
 from recipes.config import load_config
 from recipes.data import build_dataloader, build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 DEBUG_CONFIG = REPO / "configs" / "qwen3_debug.toml"
 

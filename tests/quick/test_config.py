@@ -13,7 +13,7 @@ from recipes.config import Config, load_config, parse_overrides, to_toml
 from recipes.errors import UserError
 from recipes.outputs import DEFINES_RUN, MAY_CHANGE, config_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 BACKEND_CONFIGS = {backend: CONFIGS / f"qwen3_{backend}.toml" for backend in ("sdpa", "flex", "varlen")}
 
