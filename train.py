@@ -22,7 +22,8 @@ import torch
 
 from recipes import checkpoint, data, optim, outputs, parallel
 from recipes.config import check_fits, expand_path, load_config, model_shape
-from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from recipes.errors import (IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE,
+                            UserError)
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
 from recipes.hold import RunHold
@@ -171,7 +172,9 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (UserError, NonFiniteError) as error:
+    except (UserError, NonFiniteError, checkpoint.CheckpointWriteError) as error:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE if isinstance(error, UserError) else NONFINITE_EXIT_CODE)
+        codes = {UserError: USER_ERROR_EXIT_CODE, NonFiniteError: NONFINITE_EXIT_CODE,
+                 checkpoint.CheckpointWriteError: IO_ERROR_EXIT_CODE}
+        sys.exit(next(code for kind, code in codes.items() if isinstance(error, kind)))

@@ -12,12 +12,14 @@ replaced here by readers that accept only data.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,9 +77,39 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: the one-line message names the folder, the OS's reason and the newest
+    complete checkpoint, which is intact (train.py exits with IO_ERROR_EXIT_CODE)."""
+
+
+def _os_reason(error: BaseException) -> str:
+    """The OS's reason behind a failed write, through DCP's per-rank wrapping and exception chains."""
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, CheckpointException):
+            pending += [failure[0] for failure in current.failures.values()]
+        if isinstance(current, OSError) and current.errno:
+            return f"{errno.errorcode.get(current.errno, current.errno)}: {os.strerror(current.errno)}"
+        if "unexpected pos" in str(current):  # torch's file writer reports a full disk only this way
+            return f"ENOSPC: {os.strerror(errno.ENOSPC)} (the writer reported 'unexpected pos')"
+        pending += [cause for cause in (current.__cause__, current.__context__) if cause is not None]
+    return _first_line(error)
+
+
 def save(root: Path, step: int, model, optimizer, scheduler, loader, keep: int) -> Path:
-    final = step_folder(root, step)
     tmp = root / f".tmp-step-{step:08d}"
+    try:
+        return _save(root, tmp, step, model, optimizer, scheduler, loader, keep)
+    except (OSError, CheckpointException) as error:
+        previous = complete_checkpoints(root)
+        kept = f"the newest complete checkpoint {previous[-1].name} is intact" if previous else "no checkpoint yet"
+        raise CheckpointWriteError(f"checkpoint: cannot write {tmp} ({_os_reason(error)}); {kept}; free space or "
+                                   "fix the disk, then rerun the same command to resume") from None
+
+
+def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader, keep: int) -> Path:
+    final = step_folder(root, step)
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -201,7 +233,9 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
 def load_model_weights(folder: Path, model) -> None:
     """Only the model part of a training checkpoint (e.g. to evaluate it with another attention backend)."""
     model_state = get_model_state_dict(model)
-    _load_dcp({"model": model_state}, folder)
+    with warnings.catch_warnings():  # one process without a process group is what this is for; no warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        _load_dcp({"model": model_state}, folder)
     set_model_state_dict(model, model_state)
 
 

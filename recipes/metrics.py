@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -111,14 +113,27 @@ class MetricsLogger:
             self.wandb_run = start_wandb(config, output_dir)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint, so each step is in the file exactly once."""
+        """A resumed run rewrites the steps after its checkpoint, so each step is in the file exactly once. Torn
+        lines (a crash mid-write, a disk that filled up) are dropped wherever they are, keeping the file as it
+        was in a backup beside it, with one warning."""
         if not self.path.exists():
             return
-        text = self.path.read_text()
-        complete = text[:text.rfind("\n") + 1]  # a line torn by a crash mid-write has no newline yet
-        kept = [line for line in complete.splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                row = json.loads(line) if line.endswith("\n") else None  # no newline: cut mid-write
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                torn += bool(line.strip())
+            elif row["step"] <= step:
+                kept.append(line)
+        if torn:
+            backup = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copyfile(self.path, backup)
+            log.warning("metrics: %d torn line(s) in %s dropped; the file as it was is in %s", torn, self.path, backup)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:

@@ -13,18 +13,31 @@ caller=$PWD  # a relative --out is the caller's, not the repository's (the scrip
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out="outputs/backends-$(date +%Y%m%d-%H%M%S)"
-nproc=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
+nproc=""
 repeat=""
+value() {  # the value of option $1, which must be there
+  [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || { echo "train_backends.sh: $1 needs a value" >&2; exit 2; }
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) out=$(cd "$caller" && realpath -m -- "$2"); shift 2 ;;
-    --nproc) nproc=$2; shift 2 ;;
-    --repeat) repeat=$2; shift 2 ;;
+    --out) value "$@"; out=$(cd "$caller" && realpath -m -- "$2"); shift 2 ;;
+    --nproc) value "$@"; nproc=$2; shift 2 ;;
+    --repeat) value "$@"; repeat=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "train_backends.sh: unknown option $1; see the usage at the top of the script" >&2; exit 2 ;;
   esac
 done
-[ "${nproc:-0}" -ge 1 ] || nproc=1
+if [ -z "$nproc" ]; then  # the GPUs nvidia-smi lists, else one process
+  nproc=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
+  [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1
+fi
+case "$nproc" in
+  ''|*[!0-9]*|0) echo "train_backends.sh: --nproc must be a positive integer, got '$nproc'" >&2; exit 2 ;;
+esac
+case "$repeat" in
+  ""|sdpa|flex|varlen) ;;
+  *) echo "train_backends.sh: --repeat must name a backend (sdpa, flex or varlen), got '$repeat'" >&2; exit 2 ;;
+esac
 group=$(basename "$out")
 runs=()
 train() {  # backend, run folder

@@ -33,12 +33,18 @@ for backend in sdpa flex varlen; do
     runs+=("$group_dir/qwen3_$backend")
 done
 
+created=""
+[ -d "$group_dir" ] || created=yes
 mkdir -p "$group_dir"
-# --parsable prints "jobid" or "jobid;cluster".
-array_job=$(sbatch --parsable --job-name=qwen3-backends --array=0-$((${#configs[@]} - 1)) \
+# --parsable prints "jobid" or "jobid;cluster". If sbatch refuses, the folder made for it goes again.
+if ! array_job=$(sbatch --parsable --job-name=qwen3-backends --array=0-$((${#configs[@]} - 1)) \
     --output="$group_dir/%x-%A_%a.log" "${sbatch_options[@]}" \
     slurm/train.sbatch "${configs[@]}" --job.output_dir "$group_dir/{config}" --metrics.wandb_group "$group" \
-    "${overrides[@]}")
+    "${overrides[@]}"); then
+    [ -z "$created" ] || rmdir "$group_dir" 2>/dev/null || true
+    echo "submit_backends.sh: sbatch refused the training array (its message is above); nothing was submitted" >&2
+    exit 1
+fi
 array_job=${array_job%%;*}
 # Without --kill-on-invalid-dep a failed backend would leave the comparison pending forever.
 compare_job=$(sbatch --parsable --dependency="afterok:$array_job" --kill-on-invalid-dep=yes \

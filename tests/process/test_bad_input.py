@@ -320,3 +320,28 @@ def test_resuming_on_another_world_size_is_refused(env, base_run, tmp_path):
     assert_one_error_line(outcome.stderr, case.expected)
     assert not re.search(rf'File "{re.escape(str(REPO))}/(train\.py|recipes/)', outcome.stderr)  # torchrun's only
     assert outcome.after == outcome.before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeat", "sdpx"], "--repeat must name a backend (sdpa, flex or varlen), got 'sdpx'"),
+    (["--nproc", "two"], "--nproc must be a positive integer, got 'two'"),
+    (["--nproc", "0"], "--nproc must be a positive integer, got '0'"),
+    (["--nproc"], "--nproc needs a value"),
+])
+def test_train_backends_checks_every_argument_before_it_trains(tmp_path, args, message):
+    out = tmp_path / "comparison"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "train_backends.sh"), "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"train_backends.sh: {message}\n"
+    assert not out.exists()
+
+
+def test_eval_matrix_refuses_a_damaged_checkpoint_with_one_line(env, base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    truncate(run / "checkpoints" / "step-00000002" / "__0_0.distcp")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_matrix.py"), str(run)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert re.fullmatch(CHECKPOINT.format(".+") + r"\n", result.stderr.removeprefix("error: ")), result.stderr

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import transformers
 from torch.distributed.tensor import DTensor
 
 from recipes import parallel
@@ -42,9 +43,12 @@ def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str,
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
     model = parallel.build_model(shape, TRAINING, init_from, torch.device("cpu"))
     state = _full_state(model)
+    tokens = torch.randint(0, shape.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens)  # every rank the same rows: FSDP gathers each block's shards for the forward
     if rank == 0:
         local = model.tok_embeddings.weight.to_local()
-        torch.save({"state": state, "rope": model.rope.clone(),
+        torch.save({"state": state, "rope": model.rope.clone(), "tokens": tokens, "logits": logits,
                     "tied": model.output.weight is model.tok_embeddings.weight,
                     "local_rows": local.shape[0], "params": model.num_params()}, out)
     dist.destroy_process_group()
@@ -91,6 +95,10 @@ def test_hf_weights_load_into_the_shards(tmp_path, tied, randomize_norms):
     result = build_in_processes(tmp_path, 2, init_from=str(tmp_path / "hf"), tied=tied)
     for name, tensor in source.named_parameters():
         assert torch.equal(result["state"][name], tensor.detach()), name
+    # and the sharded model's logits, at world size 2, are transformers' for the same folder
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], hf(result["tokens"]).logits, rtol=1e-5, atol=1e-5)
 
 
 def _build_32b(rank: int, world: int, store: str, out: str) -> None:

@@ -8,10 +8,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
+from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 from recipes.outputs import CONFIG_HISTORY
 from train_process import DEBUG_CONFIG, finish, launch
 
@@ -129,3 +130,29 @@ def test_steps_below_the_checkpoint_are_refused_and_nothing_changes(env, tmp_pat
     assert console.strip().splitlines()[-1].startswith(f"error: training.steps: 4 is below step {STEPS} of the "
                                                       "checkpoint")
     assert snapshot(out) == before
+
+
+def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_path):
+    """A real full disk: the output folder on a small tmpfs that holds one checkpoint of the debug model (about
+    8.5 MB: weights and AdamW's moments) but not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(disk)], capture_output=True)
+    assert mounted.returncode == 0, f"this test mounts a tmpfs (root): {mounted.stderr.decode()}"
+    try:
+        out = disk / "run"
+        args = [*RUN, "--checkpoint.interval", "1", "--checkpoint.keep", "3", "--job.output_dir", str(out)]
+        console = finish(launch(env, tmp_path / "full.log", args), tmp_path / "full.log", IO_ERROR_EXIT_CODE)
+        line = console.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: checkpoint: cannot write {re.escape(str(out))}/checkpoints/\.tmp-step-\d+ "
+                            r"\(ENOSPC: No space left on device.*\); the newest complete checkpoint step-\d+ is intact; "
+                            r"free space or fix the disk, then rerun the same command to resume", line), line
+        intact = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+        assert intact
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        console = finish(launch(env, tmp_path / "again.log", args), tmp_path / "again.log")
+        assert f"(step {int(intact[-1].removeprefix('step-'))})" in console  # resumed from the intact one
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, STEPS + 1))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
