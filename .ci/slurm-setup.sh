@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/slurm needs: SLURM 22.05 (Debian bookworm's slurm-wlm) and munge.
+# Installs what tests/process/slurm needs: SLURM 22.05 (Debian bookworm's slurm-wlm) and munge.
 # Package scripts do not start the daemons (policy-rc.d forbids it in containers); the tests start
 # private ones with their own config, key and sockets, so nothing here configures or starts a service.
 set -euo pipefail

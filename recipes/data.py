@@ -243,7 +243,7 @@ def _intact(path: Path) -> bool:
 class Tokenizer:
     """A HF `tokenizers` tokenizer with the EOS that separates packed documents.
 
-    encode() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not torchtitan's
+    encode_batch() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not torchtitan's
     HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan 0.2.2 does not
     import on torch >= 2.13 without triton.
     """
@@ -257,14 +257,8 @@ class Tokenizer:
         self.vocab_size = engine.get_vocab_size(with_added_tokens=True)
         self.hash = hashlib.sha256(f"{engine.to_str()}\0{eos_id}".encode()).hexdigest()
 
-    def encode(self, text: str) -> list[int]:
-        return self.engine.encode(text, add_special_tokens=False).ids
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.engine.encode_batch_fast(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.engine.decode(ids, skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name}, vocab {self.vocab_size}, eos {self.eos_token!r}={self.eos_id})"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes a virtual environment with torch and this package.
 #   bash scripts/install.sh          # .venv for training (torch 2.11.0, what the GPU fleet runs)
-#   bash scripts/install.sh --test   # also pytest, transformers, and SLURM + munge (apt) for tests/slurm
+#   bash scripts/install.sh --test   # also pytest, transformers, and SLURM + munge (apt) for tests/process/slurm
 # VENV=path and TORCH_VERSION=x.y.z choose another folder or torch release (e.g. the one matching your CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -70,7 +70,7 @@ ATTENTION_OPS = frozenset(op for op in (
     torch.ops.aten._scaled_dot_product_attention_math.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # the CPU references
     torch._higher_order_ops.flex_attention,
-    getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None),  # varlen_attn's op (torch >= 2.10)
+    getattr(getattr(torch.ops.torch_attn, "_varlen_attn", None), "default", None),  # varlen_attn (torch >= 2.10)
     torch.ops.qwen3_fa4.forward.default,
 ) if op is not None)
 

@@ -17,6 +17,7 @@ import pytest
 from matplotlib.image import imread
 
 from recipes.config import load_config
+from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.runs import load_run, read_metrics
 from train_process import REPO, finish
 
@@ -125,7 +126,7 @@ def test_eval_matrix_refuses_a_run_it_cannot_evaluate_with_one_line(runs, env, t
     if missing == "checkpoints":
         (bad / "config.toml").write_text((runs["sdpa"] / "config.toml").read_text())
     result = eval_matrix(env, str(runs["sdpa"]), str(bad))
-    assert result.returncode == 2
+    assert result.returncode == USER_ERROR_EXIT_CODE
     assert result.stdout == ""
     fix = (f"no complete checkpoint; train it first or pick --step from {bad / 'checkpoints'}"
            if missing == "checkpoints" else "no config.toml there; pass the job.output_dir of a train.py run")

@@ -21,6 +21,7 @@ import pytest
 import tokenizers
 
 from recipes.config import load_config, to_toml
+from recipes.errors import USER_ERROR_EXIT_CODE
 from train_process import DEBUG_CONFIG, REPO, train_command
 
 # Two steps of the debug config, a checkpoint after each.
@@ -298,7 +299,7 @@ def assert_one_error_line(output: str, expected: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, name):
     outcome = outcomes[name]
-    assert outcome.returncode == 2, outcome.stderr[-3000:]
+    assert outcome.returncode == USER_ERROR_EXIT_CODE, outcome.stderr[-3000:]
     assert "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
     assert outcome.stdout == ""
     assert_one_error_line(outcome.stderr, CASES[name].expected)
@@ -332,7 +333,7 @@ def test_train_backends_checks_every_argument_before_it_trains(tmp_path, args, m
     out = tmp_path / "comparison"
     result = subprocess.run(["bash", str(REPO / "scripts" / "train_backends.sh"), "--out", str(out), *args],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == ""
     assert result.stderr == f"train_backends.sh: {message}\n"
     assert not out.exists()
 
@@ -343,5 +344,5 @@ def test_eval_matrix_refuses_a_damaged_checkpoint_with_one_line(env, base_run, t
     truncate(run / "checkpoints" / "step-00000002" / "__0_0.distcp")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_matrix.py"), str(run)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == "", result.stderr[-2000:]
     assert re.fullmatch(CHECKPOINT.format(".+") + r"\n", result.stderr.removeprefix("error: ")), result.stderr

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from recipes.checkpoint import complete_checkpoints, load_model_weights
+from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
 from recipes.runs import read_wandb_offline
@@ -38,7 +39,6 @@ STEPS = 16
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
        "--training.local_batch_size", "2", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
        "--metrics.wandb", "false", "--checkpoint.interval", "4", "--checkpoint.keep", "5"]
-PREEMPTED_EXIT_CODE, NONFINITE_EXIT_CODE = 75, 3
 API_KEY = "0123456789abcdef" * 2 + "fedcba98"  # W&B keys are 40 characters
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from recipes.config import load_config, to_toml
-from recipes.errors import UserError
+from recipes.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 from recipes.outputs import check_output_dir
 from recipes.runs import read_metrics, read_wandb_offline
 from train_process import DEBUG_CONFIG, REPO, finish, launch
@@ -28,7 +28,6 @@ RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--trainin
        "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5",
        "--eval.interval", "5", "--eval.batches", "2"]
 BACKENDS = ("sdpa", "flex", "varlen")
-PREEMPTED_EXIT_CODE = 75
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -162,7 +161,7 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
                for name, (args, _) in cases.items()}  # all at once: each is mostly the cost of importing torch
     for name, process in started.items():
         stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 2, f"{name}: exit {process.returncode}\n{stderr[-3000:]}"
+        assert process.returncode == USER_ERROR_EXIT_CODE, f"{name}: exit {process.returncode}\n{stderr[-3000:]}"
         assert stderr == f"error: {cases[name][1]}\n", f"{name}: {stderr[-3000:]}"  # one line, no traceback
         assert stdout == ""
         assert not (tmp_path / name).exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.errors import UserError
+from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.runs import load_run, read_wandb_api, read_wandb_offline
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
@@ -92,7 +92,7 @@ def test_a_corrupt_run_log_exits_2(tmp_path, capsys):
     other = tmp_path / "run"
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    assert compare_main([str(other), str(junk), "--png", str(tmp_path / "x.png")]) == 2
+    assert compare_main([str(other), str(junk), "--png", str(tmp_path / "x.png")]) == USER_ERROR_EXIT_CODE
     err = capsys.readouterr().err
     assert "run-junk.wandb: W&B could not read this run" in err and err.count("\n") == 1
 
@@ -105,7 +105,7 @@ def test_api_run_path_must_have_three_parts():
 def test_api_without_credentials_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "wandb:someone/readback/abc123", "wandb:someone/readback/def456"],
                             env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == USER_ERROR_EXIT_CODE
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("compare_runs.py: error: wandb:someone/readback/abc123: W&B API unreachable")
     assert "WANDB_API_KEY" in last_line
@@ -119,7 +119,7 @@ def test_workspace_script_without_its_optional_package_exits_2(tmp_path):
     code = (f"import runpy, sys; sys.modules['wandb_workspaces'] = None; sys.argv = ['wandb_workspace.py', '--entity', "
             f"'me', '--group', 'g']; runpy.run_path({str(WORKSPACE_SCRIPT)!r}, run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True)
-    assert result.returncode == 2
+    assert result.returncode == USER_ERROR_EXIT_CODE
     assert result.stderr == "wandb_workspace.py: error: wandb_workspaces is not installed; pip install wandb-workspaces\n"
 
 
@@ -128,6 +128,6 @@ def test_workspace_script_builds_the_view_and_needs_credentials_to_save(tmp_path
     pytest.importorskip("wandb_workspaces")
     result = subprocess.run([sys.executable, str(WORKSPACE_SCRIPT), "--entity", "me", "--group", "g", *kind],
                             env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == USER_ERROR_EXIT_CODE
     assert result.stderr.startswith("wandb_workspace.py: error: could not save to W&B (No API key configured")
     assert result.stderr.count("\n") == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.errors import UserError
+from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.runs import load_run, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
@@ -156,7 +156,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
     if case == "no_loss":
         other.mkdir()
         (other / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
-    assert compare_main([str(good), str(other), "--png", str(tmp_path / "x.png")]) == 2
+    assert compare_main([str(good), str(other), "--png", str(tmp_path / "x.png")]) == USER_ERROR_EXIT_CODE
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
@@ -167,7 +167,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare_main(argv)
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
     assert "error:" in capsys.readouterr().err
 
 
@@ -207,5 +207,5 @@ def test_metric_val_loss_compares_the_validation_curve(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val_loss: 2 runs" in out
     no_eval = write_run(tmp_path / "c", "flex")
-    assert compare_main([runs[0], str(no_eval), "--metric", "val_loss"]) == 2
+    assert compare_main([runs[0], str(no_eval), "--metric", "val_loss"]) == USER_ERROR_EXIT_CODE
     assert "no 'val_loss' logged; set [eval] interval in its config" in capsys.readouterr().err

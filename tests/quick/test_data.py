@@ -60,9 +60,10 @@ def batches(source, n) -> list[torch.Tensor]:
 
 def test_default_tokenizer_is_deterministic_and_cached(cache_dir, tokenizer, tmp_path):
     assert tokenizer.vocab_size == 2048 and tokenizer.eos_id == tokenizer.engine.token_to_id(DEFAULT_EOS)
-    ids = tokenizer.encode("def f(x):\n    return x + 1\n")
-    assert tokenizer.decode(ids) == "def f(x):\n    return x + 1\n" and tokenizer.eos_id not in ids
-    assert tokenizer.encode_batch(["import os", "x = 1"]) == [tokenizer.encode("import os"), tokenizer.encode("x = 1")]
+    [ids] = tokenizer.encode_batch(["def f(x):\n    return x + 1\n"])
+    assert tokenizer.engine.decode(ids) == "def f(x):\n    return x + 1\n" and tokenizer.eos_id not in ids
+    assert tokenizer.encode_batch(["import os", "x = 1"]) == [tokenizer.encode_batch([text])[0]
+                                                             for text in ("import os", "x = 1")]
 
     # Training is deterministic (shown on part of the default corpus, to keep the suite fast on 2 cores).
     part = [text[:5000] for text in itertools.islice(stdlib_documents(), 60)]
