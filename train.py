@@ -98,26 +98,27 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
     start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader, t.steps) if saved else 0
     if start_step:
         optim.apply_settings(optimizer, scheduler, config.optimizer)
-    # Every input, the checkpoint included, is checked: from here on the run writes.
-    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step)
-    outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, metrics.wandb_run)
+    # Every input, the checkpoint included, is checked: from here on the run writes, config.toml first.
+    changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main)
+    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed)
     peak = peak_flops(device)
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
+    micro_rows = t.local_batch_size // t.grad_accum_steps
     train_start = time.perf_counter()
     step = start_step
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = next(loader)
             throughput.add(batch)
-            labels = parallel.global_sum(batch.count_labels(), device)  # the loss is a mean over all of them
             loss_sum = torch.zeros((), device=device)
-            micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
+            micro_batches = batch.split(micro_rows)
             for micro, mb in enumerate(micro_batches):
                 model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
                 meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
-                loss = model(mb.inputs.to(device), meta, mb.labels.to(device)) * (dist_.world_size / labels)
+                # the step's loss is the mean over every label the loss counts, on every rank and micro-batch
+                loss = model(mb.inputs.to(device), meta, mb.labels.to(device)) * (dist_.world_size / mb.global_labels)
                 loss.backward()  # FSDP averages gradients over ranks: scaled by world size, they sum to the mean's
                 loss_sum += loss.detach()
             grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
@@ -140,7 +141,7 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
 
             evaluate = config.eval.interval and (step % config.eval.interval == 0 or step == t.steps)
             if step % config.metrics.log_every == 0 or step == t.steps or preempted or evaluate:
-                metrics.log({
+                row = {
                     "step": step,
                     "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
@@ -148,8 +149,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                     **throughput.rates(peak),
                     "peak_memory_gib": peak_memory_gib(device),
                     "elapsed_s": time.perf_counter() - train_start,
-                    **({"val_loss": validation_loss(model, heldout, device)} if evaluate else {}),
-                })
+                }
+                if evaluate:
+                    row["val_loss"] = validation_loss(model, heldout, device, micro_rows)
+                    throughput.reset()  # the evaluation's time belongs to no training step
+                metrics.log(row)
 
             interval = config.checkpoint.interval
             if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):

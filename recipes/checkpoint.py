@@ -116,18 +116,25 @@ def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader,
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
     dist.barrier()
+    failure = [None]
     if dist.get_rank() == 0:
-        state = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
-        with open(tmp / TRAIN_STATE, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # a checkpoint of the same step from an interrupted earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
+        try:
+            state = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
+                     "rng": _rng_state()}
+            with open(tmp / TRAIN_STATE, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # a checkpoint of the same step from an interrupted earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+        except OSError as error:
+            failure = [error]
+    dist.broadcast_object_list(failure)  # rank 0's own writes failing must stop every rank, not leave them waiting
+    if failure[0] is not None:
+        raise failure[0]
     return final
 
 
@@ -228,6 +235,15 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
     _set_rng_state(state["rng"])
     log.info("resumed from %s (step %d)", folder, state["step"])
     return state["step"]
+
+
+def check_readable(folder: Path) -> None:
+    """A UserError now if the checkpoint's train state or DCP index cannot be read (before any long work)."""
+    _read_train_state(folder)
+    try:
+        _DataOnlyReader(folder).read_metadata()
+    except Exception as error:
+        raise _unloadable(folder, f".metadata: {_first_line(error)}") from None
 
 
 def load_model_weights(folder: Path, model) -> None:

@@ -515,15 +515,12 @@ class Batch:
     inputs: torch.Tensor
     labels: torch.Tensor
     document_starts: torch.Tensor
+    global_labels: int  # labels the loss counts in the whole step, over every rank: the loss is a mean over them
 
     def split(self, rows: int) -> list[Batch]:
-        """Micro-batches of `rows` rows each."""
+        """Micro-batches of `rows` rows each (the step's global label count stays theirs)."""
         parts = (t.split(rows) for t in (self.inputs, self.labels, self.document_starts))
-        return [Batch(*part) for part in zip(*parts)]
-
-    def count_labels(self) -> int:
-        """Labels the loss counts (those that are not IGNORE_INDEX)."""
-        return int((self.labels != IGNORE_INDEX).sum())
+        return [Batch(*part, self.global_labels) for part in zip(*parts)]
 
 
 class PackedLoader:
@@ -551,9 +548,11 @@ class PackedLoader:
         mine = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
         rows, starts = torch.from_numpy(tokens[mine].astype(np.int64)), torch.from_numpy(begins[mine])
         labels = rows[:, 1:].clone()
+        global_labels = shape[0] * (shape[1] - 1)
         if self.mask_boundary_loss:  # the label at a document's last token (its EOS) is the next one's first token
             labels[starts[:, 1:]] = IGNORE_INDEX
-        return Batch(rows[:, :-1], labels, starts[:, :-1])
+            global_labels -= int(begins[:, 1:].sum())  # every rank reads the whole global batch: no collective
+        return Batch(rows[:, :-1], labels, starts[:, :-1], global_labels)
 
     def state_dict(self) -> dict:
         """JSON-serialisable; the same on every rank, since the position is in the global stream."""

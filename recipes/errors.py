@@ -16,4 +16,4 @@ class UserError(ValueError):
     """A user-fixable problem with the configuration or the run's inputs (exit code 2)."""
 
 
-ConfigError = UserError  # the name most of the code base uses for config and input errors
+ConfigError = UserError  # its name before recipes/errors.py, kept for code outside this repository that imports it

@@ -9,13 +9,14 @@ from recipes.data import Batch
 
 
 @torch.no_grad()
-def validation_loss(model, batches: list[Batch], device: torch.device) -> float:
-    """Mean loss per counted label over `batches` (each this rank's rows of one held-out step), over all ranks."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, label count
+def validation_loss(model, batches: list[Batch], device: torch.device, micro_rows: int | None = None) -> float:
+    """Mean loss per counted label over `batches` (each this rank's rows of one held-out step), over all ranks;
+    run `micro_rows` rows at a time (training's micro-batch, so evaluation fits where training does)."""
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
-        meta = model.attention_meta(batch.document_starts, device)
-        totals[0] += model(batch.inputs.to(device), meta, batch.labels.to(device)).double()
-        totals[1] += batch.count_labels()
+        for micro in batch.split(micro_rows or batch.inputs.shape[0]):
+            meta = model.attention_meta(micro.document_starts, device)
+            loss += model(micro.inputs.to(device), meta, micro.labels.to(device)).double()
     if dist.is_initialized():
-        dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item()
+        dist.all_reduce(loss)
+    return loss.item() / sum(batch.global_labels for batch in batches)

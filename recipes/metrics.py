@@ -102,7 +102,7 @@ def start_wandb(config, output_dir: Path):
 class MetricsLogger:
     """Rank 0 appends one JSON line per log step to metrics.jsonl, logs the same dict to W&B, prints a line."""
 
-    def __init__(self, output_dir: Path, config, enabled: bool, resume_step: int = 0):
+    def __init__(self, output_dir: Path, config, enabled: bool, resume_step: int = 0, changed: dict | None = None):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.wandb_run = None
@@ -111,6 +111,8 @@ class MetricsLogger:
         self._truncate_after(resume_step)
         if config.metrics.wandb:
             self.wandb_run = start_wandb(config, output_dir)
+        if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/outputs.py)
+            self.wandb_run.config.update(to_dict(config), allow_val_change=True)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run rewrites the steps after its checkpoint, so each step is in the file exactly once. Torn

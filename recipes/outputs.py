@@ -85,13 +85,13 @@ def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] =
     return None
 
 
-def record_config(output_dir: Path, config: Config, saved: Config | None, step: int, is_main: bool,
-                  wandb_run=None) -> None:
+def record_config(output_dir: Path, config: Config, saved: Config | None, step: int, is_main: bool) -> dict:
     """Writes <output_dir>/config.toml once every input has been checked (bad input writes nothing); on a resume
-    with changed keys, first appends the change to config_history.jsonl and says it in the log and in W&B."""
+    with changed keys, first appends the change to config_history.jsonl and says it in the log. Returns the
+    changes, {key: (old, new)}, for the W&B run's config."""
+    changed = {} if saved is None else differences(saved, config, MAY_CHANGE - {"job.output_dir"})
     dist.barrier()
     if is_main:
-        changed = {} if saved is None else differences(saved, config, MAY_CHANGE - {"job.output_dir"})
         if changed:
             entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step": step,
                      "changed": {key: {"from": there, "to": now} for key, (there, now) in changed.items()}}
@@ -99,9 +99,8 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
                 f.write(json.dumps(entry) + "\n")
             log.warning("resume at step %d with changed settings: %s", step,
                         ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
-            if wandb_run is not None:
-                wandb_run.config.update({key: now for key, (_, now) in changed.items()}, allow_val_change=True)
         tmp = output_dir / f".{SAVED_CONFIG}.tmp"
         tmp.write_text(to_toml(config))
         os.replace(tmp, output_dir / SAVED_CONFIG)
     dist.barrier()
+    return changed

@@ -127,13 +127,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def global_sum(count: int, device: torch.device) -> int:
-    """The sum of an integer over all ranks."""
-    total = torch.tensor(count, dtype=torch.int64, device=device)
-    dist.all_reduce(total)
-    return int(total)
-
-
 def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool) -> tuple[float, float, bool]:
     """One all-reduce and one host sync: (loss averaged over ranks, grad norm, whether any rank was signalled)."""
     world = dist.get_world_size()

@@ -40,13 +40,15 @@ TORCHTITAN_MASK = {"causal": "causal", "document": "block_causal"}
 
 def parse_case(case: str, flavor: str) -> dict:
     backend, mask, seq_len, mode, *options = case.split("-")
+    if mode not in ("compile", "eager") or not seq_len.isdigit():
+        raise SystemExit(f"benchmark.py: case {case!r} is not BACKEND-MASK-SEQ-(compile|eager)[-OPTION...]")
     seq = int(seq_len)
     spec = {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
             "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor}
     for option in options:
         if option in ("torch", "fa4"):
             spec["kernel"] = option
-        elif option.startswith("b"):
+        elif re.fullmatch(r"b\d+", option):
             spec["local_batch_size"] = int(option[1:])
         elif option.startswith("ac="):
             spec["ac"] = option[3:]

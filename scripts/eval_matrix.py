@@ -23,6 +23,7 @@ from recipes import checkpoint, data
 from recipes.config import Config, load_config, model_shape
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
+from recipes.outputs import SAVED_CONFIG
 from recipes.qwen3.attention import BACKENDS
 from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
@@ -35,9 +36,11 @@ TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
 
 def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
     """The run's resolved config and checkpoint folder; UserError naming the fix where one is missing."""
-    if not (run_dir / "config.toml").is_file():
-        raise UserError(f"{run_dir}: no config.toml there; pass the job.output_dir of a train.py run")
-    return load_config(str(run_dir / "config.toml")), checkpoint.find(run_dir / "checkpoints", step)
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    folder = checkpoint.find(run_dir / "checkpoints", step)
+    checkpoint.check_readable(folder)
+    return load_config(str(run_dir / SAVED_CONFIG)), folder
 
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:

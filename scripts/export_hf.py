@@ -36,6 +36,7 @@ def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> P
         raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
     config = load_config(str(run_dir / SAVED_CONFIG))
     folder = checkpoint.find(run_dir / "checkpoints", step)
+    checkpoint.check_readable(folder)
     tokenizer = data.build_tokenizer(config.data, data.default_cache_dir())
     model = Qwen3Model(model_shape(config, tokenizer.eos_id))
     checkpoint.load_model_weights(folder, model)

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from recipes.errors import UserError
-from recipes.qwen3.model import Qwen3Config, Qwen3Model
+from recipes.qwen3.model import Qwen3Config, Qwen3Model, local_rows
 
 _TOP_LEVEL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _IN_LAYER = {
@@ -138,15 +137,6 @@ def _tensor_files(path: Path) -> dict[str, Path]:
                     "point model.init_from at an HF Qwen3 folder saved with safetensors")
 
 
-def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
-    """The tensor this process holds of `param` and which rows of the whole it is (FSDP2 shards dim 0)."""
-    if not isinstance(param, DTensor):
-        return param, slice(None)
-    local = param.to_local()
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return local, slice(offset[0], offset[0] + local.shape[0])
-
-
 @torch.no_grad()
 def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
     """Copy an HF Qwen3 checkpoint's weights into `model`, whole or FSDP-sharded: each process reads only the rows
@@ -154,7 +144,9 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
     path = Path(path)
     files = _tensor_files(path)
     config = model.config
-    expected = dict(model.named_parameters())  # the tied head is the embedding: named once
+    # the tied head is the embedding: named once; names as they are in the model, without activation
+    # checkpointing's wrapper
+    expected = {name.replace(_CHECKPOINT_PREFIX, ""): param for name, param in model.named_parameters()}
     unexpected = set(files) - {hf_name(name) for name in expected}
     if config.tie_embeddings:
         unexpected.discard(hf_name("output.weight"))  # some exporters write the tied head too; checked below
@@ -166,7 +158,7 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
         if key not in files:
             raise UserError(f"{path}: tensor {key} is missing; the checkpoint is incomplete "
                             "or its config.json does not describe it")
-        local, rows = _local_rows(param)
+        local, rows = local_rows(param)
         with safe_open(files[key], "pt") as f:
             stored = f.get_slice(key)
             if tuple(stored.get_shape()) != tuple(param.shape):
@@ -175,7 +167,7 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
             local.copy_(stored[rows])
     head = hf_name("output.weight")
     if config.tie_embeddings and head in files:
-        local, rows = _local_rows(model.tok_embeddings.weight)
+        local, rows = local_rows(model.tok_embeddings.weight)
         with safe_open(files[head], "pt") as f:
             if not torch.equal(f.get_slice(head)[rows].to(local.dtype), local):
                 raise UserError(f"{path}: lm_head.weight differs from model.embed_tokens.weight although "

@@ -62,16 +62,24 @@ def flavor_config(flavor: str, **overrides) -> Qwen3Config:
     return replace(FLAVORS[flavor], **overrides)
 
 
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """The tensor this process holds of `param` and which rows of the whole it is (FSDP2 shards dim 0)."""
+    if not isinstance(param, DTensor):
+        return param, slice(None)
+    local = param.to_local()
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return local, slice(offset[0], offset[0] + local.shape[0])
+
+
 def _normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
     """normal(0, std) with the same numbers whether `param` is whole or an FSDP shard (a DTensor, whose local rows
     are cut from the whole draw), so initialisation does not depend on the world size."""
     if not isinstance(param, DTensor):
         nn.init.normal_(param, std=std, generator=generator)
         return
-    local = param.to_local()
+    local, rows = local_rows(param)
     whole = torch.empty(param.shape, dtype=local.dtype, device=local.device).normal_(0, std, generator=generator)
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    local.copy_(whole[offset[0]:offset[0] + local.shape[0]])
+    local.copy_(whole[rows])
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:

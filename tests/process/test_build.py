@@ -38,26 +38,26 @@ def _full_state(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
-def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool) -> None:
+def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str) -> None:
     _join(rank, world, store)
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
-    model = parallel.build_model(shape, TRAINING, init_from, torch.device("cpu"))
-    state = _full_state(model)
+    model = parallel.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
+                                 torch.device("cpu"))
+    state = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in _full_state(model).items()}
+    facts = {"state": state, "rope": model.rope.clone(), "tied": model.output.weight is model.tok_embeddings.weight,
+             "local_rows": model.tok_embeddings.weight.to_local().shape[0], "params": model.num_params()}
     tokens = torch.randint(0, shape.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(tokens)  # every rank the same rows: FSDP gathers each block's shards for the forward
     if rank == 0:
-        local = model.tok_embeddings.weight.to_local()
-        torch.save({"state": state, "rope": model.rope.clone(), "tokens": tokens, "logits": logits,
-                    "tied": model.output.weight is model.tok_embeddings.weight,
-                    "local_rows": local.shape[0], "params": model.num_params()}, out)
+        torch.save({**facts, "tokens": tokens, "logits": logits}, out)
     dist.destroy_process_group()
 
 
-def build_in_processes(tmp_path: Path, world: int, init_from: str = "", tied: bool = True) -> dict:
-    out = tmp_path / f"world{world}-{bool(init_from)}-{tied}.pt"
+def build_in_processes(tmp_path: Path, world: int, init_from: str = "", tied: bool = True, ac: str = "none") -> dict:
+    out = tmp_path / f"world{world}-{bool(init_from)}-{tied}-{ac}.pt"
     store = tmp_path / f"store-{out.stem}"
-    mp.start_processes(_build_and_save, args=(world, str(store), str(out), init_from, tied), nprocs=world,
+    mp.start_processes(_build_and_save, args=(world, str(store), str(out), init_from, tied, ac), nprocs=world,
                        start_method="spawn", join=True)
     return torch.load(out)
 
@@ -84,15 +84,15 @@ def test_meta_build_equals_the_plain_init_at_every_world_size(tmp_path, tied):
         assert result["params"] == plain.num_params()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_hf_weights_load_into_the_shards(tmp_path, tied, randomize_norms):
+@pytest.mark.parametrize("tied, ac", [(True, "none"), (False, "none"), (True, "selective")])
+def test_hf_weights_load_into_the_shards(tmp_path, tied, ac, randomize_norms):
     source = plain_model(tied)
     randomize_norms(source)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not what build_model's own init would give
     save_hf_checkpoint(source, tmp_path / "hf")
-    result = build_in_processes(tmp_path, 2, init_from=str(tmp_path / "hf"), tied=tied)
+    result = build_in_processes(tmp_path, 2, init_from=str(tmp_path / "hf"), tied=tied, ac=ac)
     for name, tensor in source.named_parameters():
         assert torch.equal(result["state"][name], tensor.detach()), name
     # and the sharded model's logits, at world size 2, are transformers' for the same folder

@@ -321,7 +321,11 @@ def test_boundary_loss_masking_ignores_the_label_of_the_next_documents_first_tok
     # ignored exactly where the next token begins a document, which is where the input is the EOS
     assert torch.equal(ignored[:, :-1], plain.document_starts[:, 1:])
     assert ignored.any() and (plain.inputs[ignored[:, :-1].nonzero(as_tuple=True)] == tokenizer.eos_id).all()
-    assert masked.count_labels() == plain.count_labels() - int(ignored.sum())
+    assert plain.global_labels == plain.labels.numel()  # world size 1: every row of the step is here
+    assert masked.global_labels == int((masked.labels != IGNORE_INDEX).sum()) == plain.global_labels - int(ignored.sum())
+    halves = [next(loader(jsonl, tokenizer, cache_dir, seq_len=64, local=2, rank=r, world=2, mask_boundary_loss=True))
+              for r in range(2)]
+    assert [h.global_labels for h in halves] == [masked.global_labels] * 2  # each rank knows the whole step's count
     assert torch.equal(masked.labels[~ignored], plain.labels[~ignored])
 
 
