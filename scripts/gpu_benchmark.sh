@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 python=${PYTHON:-python3}
 { nvidia-smi -L; "$python" -c "import torch; print('torch', torch.__version__)"; } | tee "$dest/machine.txt"
 GPU_RESULTS_DIR="$dest" "$python" -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15
-"$python" scripts/benchmark.py --tokenizer "$tokenizer" --gqa-memory --steps 20 --skip 8 --case-timeout 150 \
+"$python" scripts/benchmark.py --tokenizer "$tokenizer" --nproc 2 --gqa-memory --steps 20 --skip 8 --case-timeout 150 \
   --torchtitan sdpa-causal-4096-compile varlen-document-8192-compile \
   --cases sdpa-causal-4096-compile varlen-document-4096-compile flex-document-4096-compile \
           varlen-document-8192-compile sdpa-causal-8192-compile flex-document-8192-compile sdpa-causal-4096-eager \
