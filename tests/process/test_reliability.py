@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from recipes.checkpoint import complete_checkpoints, load_model_weights
-from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from recipes.errors import NONFINITE_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
 from recipes.runs import read_wandb_offline
