@@ -1,9 +1,16 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, last K kept.
 
-Layout: <output_dir>/checkpoints/step-00000100/ holds the DCP shards of model and optimizer, and
-train_state.json (step, LR schedule, data position, RNG). Every rank writes into a hidden .tmp folder; only
-when all ranks are done does rank 0 write train_state.json and rename the folder, so a folder named step-*
-is always complete and a run killed mid-save leaves only a .tmp folder, which is never loaded.
+Layout: <output_dir>/checkpoints/step-00000100/ holds the DCP shards of model and optimizer, train_state.json
+(step, LR schedule, data position, RNG) and manifest.json (a checksum of every other file). Every rank writes into a
+hidden .tmp folder and hashes the files it wrote; only when all ranks are done does rank 0 write train_state.json,
+then the manifest, and rename the folder, so a folder named step-NNNNNNNN is always complete and a run killed
+mid-save leaves only a .tmp folder, which is never loaded. Exactly the names step_folder makes are checkpoints,
+ordered by their number; anything else under checkpoints/ (a user's backup, another tool's step-3) is never loaded
+nor pruned, and named once in the log at resume.
+
+Every load verifies the manifest first (a flipped byte is refused, naming the file and the checkpoint before it),
+checks train_state.json field by field, and lets DCP read only plain files inside the folder. A checkpoint saved
+before manifests existed still loads, with one warning that it is unverified.
 
 Loading executes no code from the checkpoint: DCP's own reader unpickles .metadata with plain pickle and its
 planner unpickles non-tensor values (the optimizer's hyperparameters) with weights_only=False, so both are
@@ -18,12 +25,14 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import xxhash
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -42,15 +51,36 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"
 
 
+MANIFEST = "manifest.json"
+_HASH = "xxh3_128"  # ~10x faster than sha256 or blake2b here (benchmarks/checkpoint_cost.py); guards against damage
+_CHUNK = 8 << 20
+_STEP_NAME = re.compile(r"step-(\d{8,})")
+
+
 def step_folder(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
+def _step_of(path: Path) -> int | None:
+    """The step of a folder named exactly as step_folder names it, else None (step-3, step-00000004.bak)."""
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match[1]) if match and step_folder(path.parent, int(match[1])).name == path.name else None
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder is complete once it is named step-* and holds train_state)."""
+    """Complete checkpoints, oldest first by step: folders named as step_folder names them, holding train_state."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / TRAIN_STATE).is_file())
+    folders = [path for path in root.iterdir() if _step_of(path) is not None and (path / TRAIN_STATE).is_file()]
+    return sorted(folders, key=_step_of)
+
+
+def foreign_names(root: Path) -> list[str]:
+    """What lies under checkpoints/ that this recipe did not name: never loaded, never pruned."""
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir()
+                  if _step_of(path) is None and not re.fullmatch(r"\.tmp-step-\d{8,}", path.name))
 
 
 def find(root: Path, step: int | None = None) -> Path:
@@ -62,6 +92,32 @@ def find(root: Path, step: int | None = None) -> Path:
         raise UserError(f"{root.parent}: no complete checkpoint{'' if step is None else f' at step {step}'}; "
                         f"train it first or pick --step from {root}")
     return folders[-1]
+
+
+def _file_hash(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _owner(name: str, world_size: int) -> int:
+    """The rank that hashes a file: the one that wrote it (DCP names rank r's shards __r_N.distcp), so on many nodes
+    each reads its own shards from its page cache; rank 0 hashes the rest (.metadata)."""
+    match = re.match(r"__(\d+)_", name)
+    return int(match[1]) if match and int(match[1]) < world_size else 0
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """{name: hash} of the files of `names` this rank owns, gathered from every rank when a process group runs."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {name: _file_hash(folder / name) for name in names if _owner(name, world) == rank}
+    if world == 1:
+        return mine
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {name: digest for part in gathered for name, digest in part.items()}
 
 
 def _rng_state() -> dict:
@@ -116,15 +172,16 @@ def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader,
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
     dist.barrier()
+    # Hashed once written, while the bytes are still in the page cache: DCP's writer offers no hook into its streams.
+    hashes = _hash_files(tmp, sorted(path.name for path in tmp.iterdir()))
     failure = [None]
     if dist.get_rank() == 0:
         try:
             state = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
                      "rng": _rng_state()}
-            with open(tmp / TRAIN_STATE, "w") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp / TRAIN_STATE, json.dumps(state))
+            hashes[TRAIN_STATE] = _file_hash(tmp / TRAIN_STATE)
+            _write_synced(tmp / MANIFEST, json.dumps({"hash": _HASH, "files": hashes}, indent=0, sort_keys=True))
             if final.exists():  # a checkpoint of the same step from an interrupted earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -136,6 +193,13 @@ def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader,
     if failure[0] is not None:
         raise failure[0]
     return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -165,6 +229,13 @@ class _DataOnlyReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         with open(Path(self.path) / ".metadata", "rb") as f:
             metadata = _MetadataUnpickler(f).load()
+        folder = Path(self.path).resolve()
+        for info in (metadata.storage_data or {}).values():
+            # DCP joins these to the folder as they are: an absolute path or ../ would read another run's tensors
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
+                    or (folder / name).resolve().parent != folder:
+                raise ValueError(f".metadata names the storage file {name!r}, which is not a file inside {folder}")
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -213,12 +284,54 @@ def _read_train_state(folder: Path) -> dict:
         raise _unloadable(folder, f"{TRAIN_STATE}: {_first_line(error)}") from None
     if missing:
         raise _unloadable(folder, f"{TRAIN_STATE} lacks {', '.join(sorted(missing))}")
+    rng = state["rng"]
+    checks = {  # field: whether its value is one this recipe writes
+        "step": type(state["step"]) is int and state["step"] == _step_of(folder),
+        "scheduler": isinstance(state["scheduler"], dict)
+        and type(state["scheduler"].get("last_epoch")) is int and state["scheduler"]["last_epoch"] >= 0,
+        "data": isinstance(state["data"], dict) and all(type(v) is not int or v >= 0 for v in state["data"].values()),
+        "rng": isinstance(rng, dict) and all(isinstance(rng.get(key, []), list) and all(
+            type(v) is int and 0 <= v < 256 for v in rng.get(key, [])) for key in ("torch", "cuda"))
+        and bool(rng.get("torch")),
+    }
+    for field, ok in checks.items():
+        if not ok:
+            raise _unloadable(folder, f"{TRAIN_STATE}: field {field!r} holds {str(state[field])[:60]!r}, not what "
+                                      "this recipe writes")
     return state
+
+
+def verify(folder: Path) -> None:
+    """Checks every file against the checkpoint's manifest.json (on every rank, each hashing its own shards);
+    a mismatch is a UserError naming the file and the checkpoint before it. One without a manifest (saved before
+    manifests existed) loads with a warning."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        log.warning("%s has no %s (saved before checkpoints carried checksums): loaded unverified", folder, MANIFEST)
+        return
+    except (ValueError, TypeError) as error:
+        raise _unloadable(folder, f"{MANIFEST}: {_first_line(error)}") from None
+    expected = manifest.get("files") if isinstance(manifest, dict) and manifest.get("hash") == _HASH else None
+    if not isinstance(expected, dict):
+        raise _unloadable(folder, f"{MANIFEST}: not a {_HASH} manifest of this recipe")
+    present = [name for name in sorted(expected) if (folder / name).is_file()]
+    hashes = _hash_files(folder, present)
+    bad = next((name for name in sorted(expected) if hashes.get(name) != expected[name]), None)
+    if bad is not None:
+        earlier = [path for path in complete_checkpoints(folder.parent) if _step_of(path) < _step_of(folder)]
+        before = f"the previous complete checkpoint is {earlier[-1]}" if earlier else "there is no earlier checkpoint"
+        raise UserError(f"checkpoint: {folder}/{bad} {'does not match its checksum' if bad in hashes else 'is missing'}"
+                        f" ({MANIFEST}): step {_step_of(folder)} is damaged; move {folder} out of {folder.parent} "
+                        f"(the next resume then loads the one before); {before}")
 
 
 def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> int:
     """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none).
     Refuses one beyond `steps` (training.steps) before touching anything."""
+    foreign = foreign_names(root)
+    if foreign:
+        log.warning("%s also holds %s, not named by this recipe: never loaded nor pruned", root, ", ".join(foreign))
     checkpoints = complete_checkpoints(root)
     if not checkpoints:
         return 0
@@ -227,6 +340,7 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
     if state["step"] > steps:
         raise UserError(f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
                         f"to at least {state['step']} to continue this run (nothing was changed)")
+    verify(folder)
     model_state, optim_state = get_state_dict(model, optimizer)
     _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
@@ -238,8 +352,10 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
 
 
 def check_readable(folder: Path) -> None:
-    """A UserError now if the checkpoint's train state or DCP index cannot be read (before any long work)."""
+    """A UserError now if the checkpoint's train state or DCP index cannot be read or a file does not match its
+    checksum (before any long work)."""
     _read_train_state(folder)
+    verify(folder)
     try:
         _DataOnlyReader(folder).read_metadata()
     except Exception as error:
@@ -248,6 +364,7 @@ def check_readable(folder: Path) -> None:
 
 def load_model_weights(folder: Path, model) -> None:
     """Only the model part of a training checkpoint (e.g. to evaluate it with another attention backend)."""
+    verify(folder)
     model_state = get_model_state_dict(model)
     with warnings.catch_warnings():  # one process without a process group is what this is for; no warning
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
