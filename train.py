@@ -37,15 +37,20 @@ class NonFiniteError(RuntimeError):
 
 
 class PreemptionFlag:
-    """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel) ask for a checkpoint
-    at the next step boundary."""
+    """SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel) and Ctrl-C (SIGINT) ask for
+    a checkpoint at the next step boundary; a second Ctrl-C stops at once, without saving."""
 
     def __init__(self):
         self.signal_name = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            print("stopped at once (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+            os._exit(130)  # no unwinding: a traceback from deep inside a step helps nobody here
+        if signum == signal.SIGINT:
+            print("Ctrl-C: checkpointing at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
         self.signal_name = signal.Signals(signum).name
 
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import xxhash
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta

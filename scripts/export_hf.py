@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,7 +41,25 @@ def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> P
     tokenizer = data.build_tokenizer(config.data, data.default_cache_dir())
     model = Qwen3Model(model_shape(config, tokenizer.eos_id))
     checkpoint.load_model_weights(folder, model)
-    save_hf_checkpoint(model.to(dtype), dest)
+    # Written beside DEST and renamed into place: a killed export leaves only a hidden .tmp folder, never a DEST
+    # that looks complete.
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_export(model.to(dtype), config, tokenizer, tmp)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; an export is for sharing
+        if dest.is_dir():
+            dest.rmdir()  # checked empty above
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_export(model: Qwen3Model, config, tokenizer, dest: Path) -> None:
+    """config.json, model.safetensors and the run's tokenizer files into dest."""
+    save_hf_checkpoint(model, dest)
     source = expand_path(config.data.tokenizer)
     source = source.parent if source.is_file() else source
     if config.data.tokenizer != "default" and source.is_dir():
@@ -51,7 +70,6 @@ def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> P
         (dest / "tokenizer.json").write_text(tokenizer.engine.to_str())
         (dest / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1) + "\n")
-    return folder
 
 
 def main() -> int:

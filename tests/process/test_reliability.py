@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from recipes.checkpoint import complete_checkpoints, load_model_weights
+from recipes.checkpoint import MANIFEST, complete_checkpoints, load_model_weights
 from recipes.errors import NONFINITE_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
@@ -282,13 +282,15 @@ def _load_with_dcp_defaults(folder: Path) -> None:
 
 
 def _pickled_metadata(out: Path, marker: Path) -> None:
-    (out / "checkpoints" / "step-00000002" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    folder = out / "checkpoints" / "step-00000002"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    (folder / MANIFEST).unlink(missing_ok=True)  # an attacker drops the checksums: loading must still run no code
 
 
 def _pickled_optimizer_value(out: Path, marker: Path) -> None:
     """A well-formed DCP checkpoint whose optimizer hyperparameter (a non-tensor value, stored pickled) is code."""
     folder = out / "checkpoints" / "step-00000002"
-    for path in folder.iterdir():
+    for path in folder.iterdir():  # the manifest too, as an attacker would
         if path.name != "train_state.json":
             path.unlink()
     model = Qwen3Model(flavor_config("debug"))
