@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -196,20 +197,23 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
     return overrides
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] = (), source: str = "--config") -> Config:
+    """`source` names the file in errors: "--config" for train.py's argument, the path for a run's config.toml."""
     config = Config()
     if path is not None:
-        file = expand_path(path)
+        file = expand_path(path, source)
         if not file.is_file():
             what = f"file {path} not found" if not file.exists() else f"{path} is not a regular file"
-            raise UserError(f"--config: {what}; pass an existing TOML file, e.g. configs/qwen3_debug.toml")
+            raise UserError(f"{source}: {what}; pass an existing TOML file, e.g. configs/qwen3_debug.toml")
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            data = tomllib.loads(file.read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is no error
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"--config: {path} is not valid TOML ({error}); fix the line it names") from None
+            raise UserError(f"{source}: {path} is not valid TOML ({error}); fix the line it names") from None
         except OSError as error:  # unreadable: permissions, I/O
-            raise UserError(f"--config: {path} cannot be read ({error.strerror}); check its permissions") from None
+            raise UserError(f"{source}: {path} cannot be read ({error.strerror}); check its permissions") from None
         for section, values in data.items():
+            if isinstance(values, list) and values and all(isinstance(v, dict) for v in values):
+                raise UserError(f"{path}: [[{section}]] is an array of tables; write [{section}] once")
             if not isinstance(values, dict):
                 raise UserError(f"{path}: top-level key {section!r} must be a [section]{_closest(section, _SECTIONS)}")
             for key, value in values.items():
@@ -281,7 +285,22 @@ def validate(config: Config) -> None:
     _require(o.eps >= 0, f"optimizer.eps: must be >= 0, got {o.eps}")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     _require(t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, got {t.max_grad_norm}")
-    _require(bool(config.job.output_dir), "job.output_dir: must not be empty; name a folder for the run")
+    d = config.data
+    for where, value, empty_means in [("job.output_dir", config.job.output_dir, None),
+                                      ("data.dataset", d.dataset, None), ("data.tokenizer", d.tokenizer, None),
+                                      ("model.init_from", m.init_from, "random init")]:
+        if not value:
+            _require(empty_means is not None, f"{where}: must not be empty (an empty path would mean the current "
+                                              "folder); name it, e.g. the default in docs/config.md")
+            continue
+        if where == "data.dataset" and (value == "stdlib" or value.startswith("hf:")):
+            _require(value != "hf:", "data.dataset: 'hf:' names no dataset; write hf:NAME")
+            continue
+        expand_path(value, where)
+
+
+# What POSIX file systems allow in one path component (NAME_MAX), in bytes.
+_NAME_MAX = 255
 
 
 def model_shape(config: Config, eos_id: int):
@@ -307,9 +326,19 @@ def check_fits(shape, seq_len: int, tokenizer) -> None:
              "(data.vocab_size for the default one)")
 
 
-def expand_path(path: str) -> Path:
-    """Every path a user gives (config keys, W&B dirs) is read the same way: `~` expanded."""
-    return Path(path).expanduser()
+def expand_path(path: str, where: str = "path") -> Path:
+    """Every path a user gives (config keys, W&B dirs) is read the same way: `~` expanded. A `~user` that does not
+    exist or a component longer than the file system allows is a UserError naming `where`."""
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory"
+        raise UserError(f"{where}: {path!r} names a home folder ({path.split('/')[0]}) that does not exist; write "
+                        "the full path") from None
+    long = next((part for part in expanded.parts if len(os.fsencode(part)) > _NAME_MAX), None)
+    if long is not None:
+        raise UserError(f"{where}: the path component {long[:40]!r}... is {len(os.fsencode(long))} bytes, over the "
+                        f"{_NAME_MAX} a file name may have; shorten it")
+    return expanded
 
 
 def to_dict(config: Config) -> dict:

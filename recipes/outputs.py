@@ -69,7 +69,7 @@ def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] =
         raise UserError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
     saved_path = output_dir / SAVED_CONFIG
     if saved_path.is_file():
-        saved = load_config(str(saved_path))
+        saved = load_config(str(saved_path), source=str(saved_path))
         changed = differences(saved, config, DEFINES_RUN)
         if changed:
             key, (there, now) = next(iter(changed.items()))

@@ -40,7 +40,7 @@ def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
         raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
     folder = checkpoint.find(run_dir / "checkpoints", step)
     checkpoint.check_readable(folder)
-    return load_config(str(run_dir / SAVED_CONFIG)), folder
+    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
 
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:

@@ -35,7 +35,7 @@ def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> P
         raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
-    config = load_config(str(run_dir / SAVED_CONFIG))
+    config = load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG))
     folder = checkpoint.find(run_dir / "checkpoints", step)
     checkpoint.check_readable(folder)
     tokenizer = data.build_tokenizer(config.data, data.default_cache_dir())
