@@ -600,7 +600,7 @@ def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local
     else:
         name = data.dataset.removeprefix("hf:")
         stream = StreamedTokens(_hub_dataset(name, data), tokenizer, data.text_field, seed, name, heldout)
-        dataset = f"{data.dataset} {data.dataset_config} {data.split}"
+        dataset = f"{data.dataset} {data.dataset_config} {data.split} ({_hub_fingerprint(name, data)})"
     # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
     # The global batch too: the stream is world-size free, but the same checkpoint read with more rows per step
     # (more ranks, same local batch) would continue a different run.
@@ -618,6 +618,21 @@ def heldout_batches(config: Config, tokenizer: Tokenizer, rank: int, world_size:
     loader = build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, rank, world_size, t.seed,
                               cache_dir, heldout=True)
     return [next(loader) for _ in range(config.eval.batches)]
+
+
+def _hub_fingerprint(name: str, data: DataConfig) -> str:
+    """What a streamed dataset is made of, so that a changed corpus is refused on resume as a local one is: its
+    data files, by content where they are local, by resolved URL (which names the hub revision) where remote, and
+    the builder's own hash (its code and configuration)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(name, data.dataset_config or None)
+    digest = hashlib.sha256(str(builder.hash).encode())
+    for split, files in sorted((builder.config.data_files or {}).items(), key=lambda item: str(item[0])):
+        for file in files:
+            local = Path(file)
+            digest.update(f"{split} {file} {_sha256(local) if local.is_file() else ''}\n".encode())
+    return digest.hexdigest()[:HASH_DIGITS]
 
 
 def _hub_dataset(name: str, data: DataConfig):

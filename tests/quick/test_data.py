@@ -364,3 +364,17 @@ def test_a_damaged_cache_file_is_named_and_rebuilt(jsonl, tokenizer, tmp_path, c
             again = batches(loader(jsonl, tokenizer, cache), 3)
         assert f"cache: {tokens_file} is damaged" in caplog.text
         assert all(torch.equal(a, b) for a, b in zip(again, expected))
+
+
+def test_a_changed_streamed_dataset_is_refused_on_resume(jsonl, tokenizer, cache_dir, tmp_path):
+    """hf: datasets carry a fingerprint of their files in the stream's identity, as local corpora do."""
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(jsonl.read_bytes())
+    state = json.loads(json.dumps(loader(f"hf:{folder}", tokenizer, cache_dir).state_dict()))
+    loader(f"hf:{folder}", tokenizer, cache_dir).load_state_dict(state)  # unchanged: resumes
+
+    text = (folder / "train.jsonl").read_text()
+    (folder / "train.jsonl").write_text(text.replace("a", "b", 1))  # same size, other contents
+    with pytest.raises(UserError, match="^data.dataset: the checkpoint's data stream was made with"):
+        loader(f"hf:{folder}", tokenizer, cache_dir).load_state_dict(state)
