@@ -22,8 +22,7 @@ import torch
 
 from recipes import checkpoint, data, optim, outputs, parallel
 from recipes.config import check_fits, expand_path, load_config, model_shape
-from recipes.errors import (IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE,
-                            UserError)
+from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, OutputWriteError, UserError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
 from recipes.hold import RunHold
@@ -33,7 +32,7 @@ log = logging.getLogger("train")
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    exit_code = NONFINITE_EXIT_CODE
 
 
 class PreemptionFlag:
@@ -181,9 +180,7 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (UserError, NonFiniteError, checkpoint.CheckpointWriteError) as error:
+    except (UserError, NonFiniteError, OutputWriteError) as error:  # each carries its exit code
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
-        codes = {UserError: USER_ERROR_EXIT_CODE, NonFiniteError: NONFINITE_EXIT_CODE,
-                 checkpoint.CheckpointWriteError: IO_ERROR_EXIT_CODE}
-        sys.exit(next(code for kind, code in codes.items() if isinstance(error, kind)))
+        sys.exit(error.exit_code)

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from recipes.errors import UserError
+from recipes.errors import OutputWriteError, UserError, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(OutputWriteError):
     """A checkpoint could not be written: the one-line message names the folder, the OS's reason and the newest
     complete checkpoint, which is intact (train.py exits with IO_ERROR_EXIT_CODE)."""
 
@@ -146,7 +146,7 @@ def _os_reason(error: BaseException) -> str:
         if isinstance(current, CheckpointException):
             pending += [failure[0] for failure in current.failures.values()]
         if isinstance(current, OSError) and current.errno:
-            return f"{errno.errorcode.get(current.errno, current.errno)}: {os.strerror(current.errno)}"
+            return os_reason(current)
         if "unexpected pos" in str(current):  # torch's file writer reports a full disk only this way
             return f"ENOSPC: {os.strerror(errno.ENOSPC)} (the writer reported 'unexpected pos')"
         pending += [cause for cause in (current.__cause__, current.__context__) if cause is not None]

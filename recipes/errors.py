@@ -6,6 +6,9 @@ naming the field or file and the fix, and the program exits with USER_ERROR_EXIT
 
 from __future__ import annotations
 
+import errno
+import os
+
 USER_ERROR_EXIT_CODE = 2  # a bad config value or input; nothing was written that blocks the corrected command
 NONFINITE_EXIT_CODE = 3  # a step's loss or grad norm was not finite; the last good checkpoint is kept
 IO_ERROR_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (disk full, read-only); the previous is intact
@@ -15,5 +18,23 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a signal asked to stop, a checkpoint wa
 class UserError(ValueError):
     """A user-fixable problem with the configuration or the run's inputs (exit code 2)."""
 
+    exit_code = USER_ERROR_EXIT_CODE
 
-ConfigError = UserError  # its name before recipes/errors.py, kept for code outside this repository that imports it
+
+class OutputWriteError(RuntimeError):
+    """An output (checkpoint, config.toml, metrics, cache, export) could not be written: a full disk, a read-only
+    or failing one (exit code 74). What was written before is intact; freeing space and rerunning continues."""
+
+    exit_code = IO_ERROR_EXIT_CODE
+
+
+def os_reason(error: OSError) -> str:
+    """'ENOSPC: No space left on device' for an OSError that carries an errno, else its first line."""
+    if error.errno in errno.errorcode:
+        return f"{errno.errorcode[error.errno]}: {os.strerror(error.errno)}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def write_failed(path, error: OSError) -> OutputWriteError:
+    return OutputWriteError(f"{path}: cannot write ({os_reason(error)}); free space or fix the disk, then rerun the "
+                            "same command (it resumes from the newest checkpoint)")

@@ -53,7 +53,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.errors import UserError
+from recipes.errors import UserError, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,8 @@ class RunHold:
                                "job.output_dir")
         except OSError as error:
             folder.undo()
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # a full or failing disk, not a bad path
+                raise write_failed(output_dir / HOLD_FILE, error) from None
             raise UserError(f"job.output_dir: cannot write the hold {output_dir / HOLD_FILE} ({error.strerror}); "
                             "choose another job.output_dir") from None
         if refusal is not None:

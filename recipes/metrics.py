@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from recipes.config import to_dict
+from recipes.errors import write_failed
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,22 @@ class MetricsLogger:
             shutil.copyfile(self.path, backup)
             log.warning("metrics: %d torn line(s) in %s dropped; the file as it was is in %s", torn, self.path, backup)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        except OSError as error:
+            raise write_failed(self.path, error) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as error:
+            raise write_failed(self.path, error) from None
         if self.wandb_run is not None:
             try:
                 self.wandb_run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])

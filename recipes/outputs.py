@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from recipes.config import Config, load_config, to_dict, to_toml
-from recipes.errors import UserError
+from recipes.errors import OutputWriteError, UserError, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,26 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
     changes, {key: (old, new)}, for the W&B run's config."""
     changed = {} if saved is None else differences(saved, config, MAY_CHANGE - {"job.output_dir"})
     dist.barrier()
+    failure = [None]
     if is_main:
-        if changed:
-            entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step": step,
-                     "changed": {key: {"from": there, "to": now} for key, (there, now) in changed.items()}}
-            with open(output_dir / CONFIG_HISTORY, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            log.warning("resume at step %d with changed settings: %s", step,
-                        ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
         tmp = output_dir / f".{SAVED_CONFIG}.tmp"
-        tmp.write_text(to_toml(config))
-        os.replace(tmp, output_dir / SAVED_CONFIG)
-    dist.barrier()
+        path = output_dir / CONFIG_HISTORY
+        try:
+            if changed:
+                entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step": step,
+                         "changed": {key: {"from": there, "to": now} for key, (there, now) in changed.items()}}
+                with open(path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                log.warning("resume at step %d with changed settings: %s", step,
+                            ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
+            path = output_dir / SAVED_CONFIG
+            tmp.write_text(to_toml(config))
+            os.replace(tmp, path)
+        except OSError as error:
+            failure = [str(write_failed(path, error))]
+        finally:
+            tmp.unlink(missing_ok=True)  # a half-written copy must not make the folder look taken
+    dist.broadcast_object_list(failure)  # rank 0's failure stops every rank
+    if failure[0] is not None:
+        raise OutputWriteError(failure[0])
     return changed

@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 from recipes.outputs import CONFIG_HISTORY
 from train_process import DEBUG_CONFIG, finish, launch
@@ -154,5 +156,35 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_
         assert f"(step {int(intact[-1].removeprefix('step-'))})" in console  # resumed from the intact one
         steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, STEPS + 1))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("free_kib", [0, 4], ids=["no-room-at-all", "room-for-the-hold-only"])
+def test_a_full_disk_before_the_first_step_is_one_line_and_blocks_nothing(env, tmp_path, free_kib):
+    """A new run on a disk that fills before its first step (the hold, config.toml, metrics.jsonl): exit 74 with
+    one line, and once space is freed the same command trains."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    assert mounted.returncode == 0, f"this test mounts a tmpfs (root): {mounted.stderr.decode()}"
+    try:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"x" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - free_kib * 1024))
+        out = disk / "run"
+        args = [*RUN, "--training.steps", "2", "--checkpoint.enable", "false", "--job.output_dir", str(out)]
+        console = finish(launch(env, tmp_path / "full.log", args), tmp_path / "full.log", IO_ERROR_EXIT_CODE)
+        assert "Traceback" not in console, console[-3000:]
+        line = console.strip().splitlines()[-1]
+        assert line.startswith("error: ") and "cannot write" in line and "ENOSPC" in line, line
+        filler.unlink()  # space freed
+        finish(launch(env, tmp_path / "again.log", args), tmp_path / "again.log")
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
