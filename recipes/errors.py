@@ -11,7 +11,7 @@ import os
 
 USER_ERROR_EXIT_CODE = 2  # a bad config value or input; nothing was written that blocks the corrected command
 NONFINITE_EXIT_CODE = 3  # a step's loss or grad norm was not finite; the last good checkpoint is kept
-IO_ERROR_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (disk full, read-only); the previous is intact
+IO_ERROR_EXIT_CODE = 74  # EX_IOERR: an output could not be written (full or failing disk); what was written is intact
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a signal asked to stop, a checkpoint was saved; run again to continue
 
 
