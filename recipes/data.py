@@ -176,7 +176,7 @@ def _local_source(data: DataConfig) -> Callable[[], Iterator[str]] | None:
     return lambda: local_documents(path, data.text_field)
 
 
-def corpus_hash(documents: Iterable[str]) -> str:
+def corpus_hash(documents: Iterable[str], kind: str = "") -> str:
     """sha256 over the documents and their boundaries: the cache key of everything built from a corpus."""
     digest = hashlib.sha256()
     count = 0
@@ -186,7 +186,7 @@ def corpus_hash(documents: Iterable[str]) -> str:
         digest.update(raw)
         count += 1
     if count == 0:
-        raise UserError("data.dataset: the corpus has no non-empty documents; point it at files with text")
+        raise UserError(f"data.dataset: the corpus has no non-empty {kind}documents; point it at files with (more) text")
     return digest.hexdigest()
 
 
@@ -566,10 +566,10 @@ class PackedLoader:
         self.stream.load_state_dict(state)
 
 
-def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer,
-                   cache_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+def _corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer, cache_dir: Path,
+                   kind: str = "") -> tuple[np.ndarray, np.ndarray, str]:
     """Tokenize once per machine: the arrays are cached as .npy files keyed by corpus and tokenizer hash."""
-    corpus_key = corpus_hash(documents())[:HASH_DIGITS]
+    corpus_key = corpus_hash(documents(), kind)[:HASH_DIGITS]
     key = f"{corpus_key}-{tokenizer.hash[:HASH_DIGITS]}-{_CACHE_VERSION}"
     tokens_path = Path(cache_dir) / f"corpus-{key}.tokens.npy"
     offsets_path = Path(cache_dir) / f"corpus-{key}.offsets.npy"
@@ -594,7 +594,9 @@ def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local
         def documents() -> Iterator[str]:
             return (text for text in source() if is_heldout(text) == heldout)
 
-        tokens, offsets, corpus_key = _corpus_tokens(documents, tokenizer, cache_dir)
+        # About 1 document in 20 is held out (is_heldout): a tiny corpus can leave either split empty.
+        kind = "held-out (validation, [eval]) " if heldout else "training (the ~95% not held out for validation) "
+        tokens, offsets, corpus_key = _corpus_tokens(documents, tokenizer, cache_dir, kind)
         stream = CorpusTokens(tokens, offsets, seed)
         dataset = f"{data.dataset} ({corpus_key})"
     else:

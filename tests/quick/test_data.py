@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -378,3 +379,13 @@ def test_a_changed_streamed_dataset_is_refused_on_resume(jsonl, tokenizer, cache
     (folder / "train.jsonl").write_text(text.replace("a", "b", 1))  # same size, other contents
     with pytest.raises(UserError, match="^data.dataset: the checkpoint's data stream was made with"):
         loader(f"hf:{folder}", tokenizer, cache_dir).load_state_dict(state)
+
+
+def test_an_empty_split_is_named(tokenizer, cache_dir, tmp_path):
+    """A one-document corpus: that document lands in one split, and the other split's error names it."""
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": "print('only one document')"}) + "\n")
+    empty = "held-out (validation" if not is_heldout("print('only one document')") else "training ("
+    with pytest.raises(UserError, match=rf"^data.dataset: the corpus has no non-empty {re.escape(empty)}"):
+        for heldout in (False, True):
+            build_dataloader(DataConfig(dataset=str(corpus)), tokenizer, 32, 4, 0, 1, 0, cache_dir, heldout=heldout)
