@@ -18,9 +18,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from matplotlib.figure import Figure  # the object API needs no pyplot backend, so no display
 
+from recipes.cli import nonnegative_float, nonnegative_int, positive_int
 from recipes.errors import UserError
 from recipes.runs import WANDB_API_PREFIX, Run, load_run
 
@@ -52,27 +52,6 @@ class PairResult:
     passed: bool
     windows: list[Window] = field(default_factory=list)
     aligned: dict[int, float] = field(default_factory=dict, repr=False)  # step -> |diff|, for the plot
-
-
-def nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

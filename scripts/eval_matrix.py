@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
+from recipes.cli import nonnegative_float, positive_int
 from recipes.config import Config, load_config, model_shape
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
@@ -78,11 +79,11 @@ def markdown(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: each run's newest)")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
+    parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="rows per held-out batch")
     parser.add_argument("--mutation", action="store_true", help="add the 0.2.1 layout mistake as a column")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=nonnegative_float, default=None,
                         help=f"max loss spread within a row (default {TOLERANCE['cpu']:g} on CPU/fp32, "
                              f"{TOLERANCE['cuda']:g} on CUDA/bf16)")
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
+from recipes.cli import positive_int
 from recipes.config import expand_path, load_config, model_shape
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.outputs import SAVED_CONFIG
@@ -35,6 +36,9 @@ def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> P
         raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
+    above = next(path for path in dest.parents if path.exists())
+    if not above.is_dir():
+        raise UserError(f"DEST: {above} is a file, so {dest} cannot be made under it; name another folder")
     config = load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG))
     folder = checkpoint.find(run_dir / "checkpoints", step)
     checkpoint.check_readable(folder)
@@ -76,7 +80,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("dest", type=Path, metavar="DEST")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--step", type=positive_int, help="checkpoint step (default: the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     try:

@@ -70,7 +70,7 @@ def test_transformers_loads_the_export_with_our_logits(runs, env, tmp_path, name
     assert checkpoint.find(run / "checkpoints") != checkpoint.find(run / "checkpoints", 2)  # --step chose step 2
 
 
-@pytest.mark.parametrize("case", ["dest-holds-files", "missing-step", "not-a-run"])
+@pytest.mark.parametrize("case", ["dest-holds-files", "missing-step", "not-a-run", "dest-under-a-file"])
 def test_bad_input_is_one_line_and_exit_2(runs, env, tmp_path, case):
     dest = tmp_path / "dest"
     run, step = runs["tied"], "2"
@@ -79,13 +79,23 @@ def test_bad_input_is_one_line_and_exit_2(runs, env, tmp_path, case):
         (dest / "notes.txt").write_text("mine")
     elif case == "missing-step":
         step = "1"
+    elif case == "dest-under-a-file":
+        (tmp_path / "a-file").write_text("mine")
+        dest = tmp_path / "a-file" / "dest"
     else:
         run = tmp_path
     result = export(env, run, dest, "--step", step)
     assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     expected = {"dest-holds-files": "already holds files", "missing-step": "no complete checkpoint at step 1",
-                "not-a-run": "no config.toml there"}[case]
+                "not-a-run": "no config.toml there", "dest-under-a-file": "is a file, so"}[case]
     assert expected in result.stderr
     if case != "dest-holds-files":
         assert not dest.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("args", [["--step", "0"], ["--step", "-3"], ["--step", "two"]])
+def test_bad_script_arguments_are_refused_by_argparse(runs, env, tmp_path, args):
+    result = export(env, runs["tied"], tmp_path / "dest", *args)
+    assert result.returncode == USER_ERROR_EXIT_CODE and "error: argument --step" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "dest").exists()
