@@ -113,6 +113,10 @@ def truncate(path: Path) -> None:
 
 
 DATASET_FIX = "give \"stdlib\", a .jsonl/.json/.parquet/.txt file or folder, or \"hf:NAME\" for a hub dataset"
+# A damaged file is caught by the checkpoint's manifest before DCP reads it (recipes/checkpoint.py, verify).
+CHECKSUM = (r"checkpoint: \S+/run/checkpoints/step-00000002/{} {} \(manifest\.json\): step 2 is damaged; move "
+            r"\S+/run/checkpoints/step-00000002 out of \S+/run/checkpoints \(the next resume then loads the one "
+            r"before\); the previous complete checkpoint is \S+/run/checkpoints/step-00000001")
 CHECKPOINT = (r"checkpoint\.resume: \S+/run/checkpoints/step-00000002 cannot be loaded \({}\); if it is damaged, move it"
               r" out of \S+/run/checkpoints to resume from the one before; if it is another run's, resume with the "
               r"config that wrote it, or set checkpoint\.resume=false and a new job\.output_dir")
@@ -231,9 +235,9 @@ CASES = {
         copy_of_the_run(change=step_2(lambda folder: (folder / "train_state.json").write_bytes(b"\0\xff"))),
         CHECKPOINT.format(r"train_state\.json: UnicodeDecodeError: .*")),
     "checkpoint_shard_truncated": Case(copy_of_the_run(change=step_2(lambda folder: truncate(folder / "__0_0.distcp"))),
-                                       CHECKPOINT.format(r".+")),
+                                       CHECKSUM.format("__0_0.distcp", "does not match its checksum")),
     "checkpoint_metadata_missing": Case(copy_of_the_run(change=step_2(lambda folder: (folder / ".metadata").unlink())),
-                                        CHECKPOINT.format(r"\.metadata: FileNotFoundError: .*")),
+                                        CHECKSUM.format(r"\.metadata", "is missing")),
     "checkpoint_of_another_model": Case(
         copy_of_the_run("--model.flavor", "small", change=another_flavor_in_the_folder_config),
         CHECKPOINT.format(r"ValueError: Size mismatch between saved torch\.Size\(\[2048, 128\]\) and current: "
