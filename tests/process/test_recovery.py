@@ -4,6 +4,7 @@ refused without touching the folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -134,14 +135,22 @@ def test_steps_below_the_checkpoint_are_refused_and_nothing_changes(env, tmp_pat
     assert snapshot(out) == before
 
 
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A real small disk: a tmpfs of `size` mounted on `folder` (the tests run as root), unmounted after."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    assert mounted.returncode == 0, f"this test mounts a tmpfs (root): {mounted.stderr.decode()}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_path):
     """A real full disk: the output folder on a small tmpfs that holds one checkpoint of the debug model (about
     8.5 MB: weights and AdamW's moments) but not two."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(disk)], capture_output=True)
-    assert mounted.returncode == 0, f"this test mounts a tmpfs (root): {mounted.stderr.decode()}"
-    try:
+    with tmpfs(tmp_path / "disk", "14m") as disk:
         out = disk / "run"
         args = [*RUN, "--checkpoint.interval", "1", "--checkpoint.keep", "3", "--job.output_dir", str(out)]
         console = finish(launch(env, tmp_path / "full.log", args), tmp_path / "full.log", IO_ERROR_EXIT_CODE)
@@ -156,19 +165,13 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_
         assert f"(step {int(intact[-1].removeprefix('step-'))})" in console  # resumed from the intact one
         steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, STEPS + 1))
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 @pytest.mark.parametrize("free_kib", [0, 4], ids=["no-room-at-all", "room-for-the-hold-only"])
 def test_a_full_disk_before_the_first_step_is_one_line_and_blocks_nothing(env, tmp_path, free_kib):
     """A new run on a disk that fills before its first step (the hold, config.toml, metrics.jsonl): exit 74 with
     one line, and once space is freed the same command trains."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    assert mounted.returncode == 0, f"this test mounts a tmpfs (root): {mounted.stderr.decode()}"
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
         filler = disk / "filler"
         with open(filler, "wb", buffering=0) as f:
             try:
@@ -186,5 +189,3 @@ def test_a_full_disk_before_the_first_step_is_one_line_and_blocks_nothing(env, t
         filler.unlink()  # space freed
         finish(launch(env, tmp_path / "again.log", args), tmp_path / "again.log")
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
