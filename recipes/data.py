@@ -186,7 +186,8 @@ def corpus_hash(documents: Iterable[str], kind: str = "") -> str:
         digest.update(raw)
         count += 1
     if count == 0:
-        raise UserError(f"data.dataset: the corpus has no non-empty {kind}documents; point it at files with (more) text")
+        raise UserError(f"data.dataset: the corpus has no non-empty {kind}documents; point it at files with (more) "
+                        "text")
     return digest.hexdigest()
 
 

@@ -22,8 +22,8 @@ class UserError(ValueError):
 
 
 class OutputWriteError(RuntimeError):
-    """An output (checkpoint, config.toml, metrics, cache, export) could not be written: a full disk, a read-only
-    or failing one (exit code 74). What was written before is intact; freeing space and rerunning continues."""
+    """An output (a checkpoint, the hold, config.toml, config_history.jsonl, metrics.jsonl) could not be written: a
+    full or failing disk (exit code 74). What was written before is intact; freeing space and rerunning continues."""
 
     exit_code = IO_ERROR_EXIT_CODE
 
