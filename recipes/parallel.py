@@ -18,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from recipes.config import TrainingConfig
+from recipes.errors import UserError
 from recipes.qwen3.attention import ATTENTION_OPS
 from recipes.qwen3.hf import load_hf_weights
 from recipes.qwen3.model import Qwen3Config, Qwen3Model
@@ -58,10 +59,12 @@ def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, de
     unsharded init, whatever the world size) or from the HF checkpoint `init_from`, read shard by shard."""
     with torch.device("meta"):
         model = Qwen3Model(shape)
+    if training.float8:
+        apply_float8(model.layers)
     if training.activation_checkpoint != "none":
         apply_activation_checkpointing(model, training.activation_checkpoint)
     if training.compile:
-        apply_compile(model)
+        apply_compile(model, training.compile_mode)
     apply_fsdp(model, getattr(torch, training.dtype), device)
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
@@ -78,14 +81,28 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     from torchtitan.config.job_config import ActivationCheckpoint
     from torchtitan.distributed.activation_checkpoint import apply_ac
 
-    save = {torch.ops.aten.mm.default, torch.ops._c10d_functional.reduce_scatter_tensor.default, *ATTENTION_OPS}
+    save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default,  # the latter: training.float8
+            torch.ops._c10d_functional.reduce_scatter_tensor.default, *ATTENTION_OPS}
     apply_ac(model, ActivationCheckpoint(mode=mode, selective_ac_option="op"), op_sac_save_list=save)
 
 
-def apply_compile(model: torch.nn.Module) -> None:
+def apply_float8(blocks: torch.nn.Module) -> None:
+    """torchao's float8 training for the linear layers of `blocks`, tensorwise scales (measured on an H200: 1.27x on
+    the blocks' matmuls at 1.7B, 1.37x at 4B; 0.98x at 0.6B; rowwise lost at every size). The output head stays
+    bfloat16: the fused loss uses its weight directly."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as error:
+        raise UserError(f"training.float8: torchao does not import ({error}); pip install torchao==0.18.0, or set "
+                        "training.float8 = false") from None
+    convert_to_float8_training(blocks, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                               module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+
+
+def apply_compile(model: torch.nn.Module, mode: str = "default") -> None:
     """Compile block by block: every block has the same graph, so one compilation serves all of them."""
     for block in model.layers.values():
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, mode=mode)
 
 
 def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, device: torch.device) -> None:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The speed levers (issue 18) on 1×H200 in one device call of ~9 minutes, every part timed against a budget:
+#   1. runs: scripts/benchmark.py, Qwen3-0.6B at 8192 (medians of steps 10–15): torchtitan 0.2.2's Trainer (varlen
+#      document, 8192 × 2); ours varlen document FA4 8192 × 2 with the projections unfused (= main before the
+#      levers), the same fused, fused at 8192 × 3 (the batch for ≤ 45 GiB, profiled), and sdpa causal 8192 × 2
+#      fused (the same tokens, for the FA4 / sdpa ratio);
+#   2. levers: benchmarks/levers.py, 4B blocks fwd+bwd bf16 vs float8 (kept only at ≥ 1.1×), and AdamW fused vs
+#      foreach over the 0.6B model's FSDP parameters;
+#   3. loss: benchmarks/loss.py, chunk 4096 vs 8192 and the grad_weight sum in float32 vs bfloat16 at 32k tokens.
+# Usage (FA4 importable first; WHEELS_DIR holds torchtitan 0.2.2, torchao 0.18.0 and their needs):
+#   source .fa4/b/install.sh && bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
+# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (default all three). SPEED_BUDGET_S (default
+# 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
+# and what finished is kept (each writes its JSON after every case).
+set -u
+start=$SECONDS
+budget=${SPEED_BUDGET_S:-510}
+wheels=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd)
+dest=${3:-${OUT:-/tmp/speed-results}}; parts=${4:-runs,levers,loss}
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl 2>&1 | grep -v WARNING
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+[ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
+  && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
+bench=benchmarks/benchmark.py; [ -f "$bench" ] || bench=scripts/benchmark.py  # where the restructure moves it
+{ nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)"; } \
+  2>&1 | tee "$dest/machine.txt"
+left() { echo $((budget - (SECONDS - start))); }
+want() { [[ ",$parts," == *",$1,"* ]] && [ "$(left)" -gt "$2" ] || { echo "== $1: skipped ($(left) s of the budget left)"; false; }; }
+
+if want runs 120; then
+  echo "== runs ($(left) s left)"
+  timeout "$(left)" python3 "$bench" --tokenizer "$tokenizer" --nproc 1 --steps 15 --skip 9 --case-timeout 150 \
+    --torchtitan varlen-document-8192-compile \
+    --cases varlen-document-8192-compile-fa4-unfused varlen-document-8192-compile-fa4 \
+            varlen-document-8192-compile-fa4-b3 sdpa-causal-8192-compile \
+    --profile varlen-document-8192-compile-fa4-b3 --out "$dest/runs" > "$dest/runs.log" 2>&1
+  tail -3 "$dest/runs.log"
+  python3 - "$dest/runs/benchmark.json" "$(dirname "$bench")" <<'EOF'
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import benchmark
+results = json.load(open(sys.argv[1]))["results"]
+print(benchmark.markdown(results))
+for r in results:
+    if "profile" in r:  # where the step's time goes after the change
+        print(f"profile of {r['case']}:", *r["profile"].splitlines()[:24], sep="\n")
+EOF
+fi
+if want levers 60; then
+  echo "== levers ($(left) s left)"
+  timeout "$(left)" python3 benchmarks/levers.py --parts adamw,blocks --flavor 4B --variants fused,fused-fp8 \
+    --adamw-flavor 0.6B --out "$dest/levers.json" > "$dest/levers.log" 2>&1
+  tail -6 "$dest/levers.log"
+fi
+if want loss 30; then
+  echo "== loss ($(left) s left)"
+  timeout "$(left)" python3 benchmarks/loss.py --tokens 32768 --chunks 4096,8192 --grad-weight-dtypes float32,bfloat16 \
+    --repeats 8 --out "$dest/loss.json" > "$dest/loss.log" 2>&1
+  tail -6 "$dest/loss.log"
+fi
+echo "== done in $((SECONDS - start)) s; results in $dest"

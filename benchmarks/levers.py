@@ -1,0 +1,177 @@
+"""Speed levers measured one at a time in one process, without the data loader or a whole training run.
+
+- blocks: transformer blocks of a flavor, forward + backward, compiled as in training, varlen document attention on
+  packed documents of realistic lengths, bf16; each variant is a set of levers (fused projections, float8, the
+  blocks' compile mode). At 4B, float8 against bf16 is the lever's decision (it is kept only at >= 1.1x).
+- adamw: the optimizer step of the flavor's whole model, FSDP2-sharded at world size 1 (DTensor parameters, as in
+  training), fused against foreach.
+
+Medians of CUDA-event times after warm-up. Run on the GPU machine:
+
+    python benchmarks/levers.py --parts blocks,adamw --out results/levers.json
+    python benchmarks/levers.py --parts blocks --flavor 4B --variants fused,fused-fp8,fp8
+    python benchmarks/levers.py --device cpu --flavor debug --tokens 256 --blocks 1 --repeats 2 --eager  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes import parallel  # noqa: E402
+from recipes.config import COMPILE_MODES, TrainingConfig  # noqa: E402
+from recipes.qwen3.attention import build_backend  # noqa: E402
+from recipes.qwen3.model import TransformerBlock, flavor_config, rope_cache  # noqa: E402
+
+# A variant is LEVER[-LEVER...]: fused or unfused projections, fp8 (float8, tensorwise), autotune (the blocks'
+# compile mode max-autotune-no-cudagraphs).
+LEVER_WORDS = {"fused": ("fused_projections", True), "unfused": ("fused_projections", False),
+               "fp8": ("float8", True), "autotune": ("compile_mode", COMPILE_MODES[1])}
+
+
+def parse_variant(variant: str) -> dict:
+    levers = {"fused_projections": True, "float8": False, "compile_mode": COMPILE_MODES[0]}
+    for word in variant.split("-"):
+        if word not in LEVER_WORDS:
+            raise SystemExit(f"levers.py: {word!r} in variant {variant!r} is not one of {', '.join(LEVER_WORDS)}")
+        key, value = LEVER_WORDS[word]
+        levers[key] = value
+    return levers
+
+
+def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(rows, seq) starts of documents with lognormal lengths (median ~700 tokens, as the standard library's files
+    give with the Qwen3 tokenizer), packed and cut at row ends as the loader does."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(rows * seq, dtype=torch.bool)
+    position = 0
+    while position < rows * seq:
+        starts[position] = True
+        length = torch.empty(1).log_normal_(mean=6.55, std=1.0, generator=generator).item()
+        position += max(1, int(length))
+    return starts.view(rows, seq)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def median_ms(self, fn, warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+
+
+def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
+    levers = parse_variant(variant)
+    config = flavor_config(args.flavor, attention="varlen", mask="document",
+                           fused_projections=levers["fused_projections"])
+    backend = build_backend("varlen", "document", "auto")
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([TransformerBlock(config, backend) for _ in range(args.blocks)])
+    blocks = blocks.to(device=device, dtype=torch.bfloat16)
+    if levers["float8"]:
+        parallel.apply_float8(blocks)
+    if not args.eager:
+        for block in blocks:
+            block.compile(fullgraph=True, mode=levers["compile_mode"])
+    rows, seq = 2, args.tokens // 2
+    rope = rope_cache(config.head_dim, seq, config.rope_theta, device=device)
+    meta = backend.attention_meta(document_starts(rows, seq), device)
+    x = torch.randn(rows, seq, config.dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        h = x
+        for block in blocks:
+            h = block(h, rope, meta)
+        h.float().square().mean().backward()
+
+    started = time.perf_counter()
+    step()  # compiles
+    compile_s = time.perf_counter() - started
+    ms = timer.median_ms(step, args.warmup, args.repeats)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"part": "blocks", "flavor": args.flavor, "variant": variant, **levers, "blocks": args.blocks,
+            "tokens": rows * seq, "ms": ms, "ms_per_block": ms / args.blocks, "first_call_s": compile_s}
+
+
+def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
+    """The optimizer step over the flavor's whole model as train.py builds it (FSDP2 DTensors)."""
+    parallel.init_distributed()
+    training = TrainingConfig(dtype="bfloat16" if device.type == "cuda" else "float32")
+    model = parallel.build_model(flavor_config(args.flavor), training, "", device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    rows = []
+    for implementation in ("fused", "foreach"):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **{implementation: True})
+        ms = timer.median_ms(optimizer.step, args.warmup, args.repeats)
+        rows.append({"part": "adamw", "flavor": args.flavor, "variant": implementation, "ms": ms,
+                     "params": model.num_params()})
+        del optimizer
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw")
+    parser.add_argument("--flavor", default="4B", help="the blocks' flavor")
+    parser.add_argument("--adamw-flavor", default="0.6B")
+    parser.add_argument("--variants", default="fused,fused-fp8", help="comma-separated block variants")
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens a step, in two packed rows")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eager", action="store_true", help="do not compile the blocks")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (after every case)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    timer = Timer(device)
+    rows = []
+
+    def record(new: list[dict]) -> None:
+        for row in new:
+            print(json.dumps(row), flush=True)
+        rows.extend(new)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            args.out.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=1))
+
+    parts = args.parts.split(",")
+    if "blocks" in parts:
+        for variant in args.variants.split(","):
+            record([blocks_case(args, variant, device, timer)])
+            torch.compiler.reset()
+    if "adamw" in parts:
+        record(adamw_case(argparse.Namespace(**{**vars(args), "flavor": args.adamw_flavor}), device, timer))
+    print("\n| part | flavor | variant | ms |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['part']} | {row['flavor']} | {row['variant']} | {row['ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
