@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speed levers (issue 18) on 1×H200 in one device call of ~9 minutes, every part timed against a budget:
-#   1. runs: scripts/benchmark.py, Qwen3-0.6B at 8192 (medians of steps 10–15): torchtitan 0.2.2's Trainer (varlen
+#   1. runs: benchmarks/benchmark.py, Qwen3-0.6B at 8192 (medians of steps 10–15): torchtitan 0.2.2's Trainer (varlen
 #      document, 8192 × 2); ours varlen document FA4 8192 × 2 with the projections unfused (= main before the
 #      levers), the same fused, fused at 8192 × 3 (the batch for ≤ 45 GiB, profiled), and sdpa causal 8192 × 2
 #      fused (the same tokens, for the FA4 / sdpa ratio);
@@ -25,7 +25,6 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
   && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
-bench=benchmarks/benchmark.py; [ -f "$bench" ] || bench=scripts/benchmark.py  # where the restructure moves it
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)"; } \
   2>&1 | tee "$dest/machine.txt"
 left() { echo $((budget - (SECONDS - start))); }
@@ -33,13 +32,13 @@ want() { [[ ",$parts," == *",$1,"* ]] && [ "$(left)" -gt "$2" ] || { echo "== $1
 
 if want runs 120; then
   echo "== runs ($(left) s left)"
-  timeout "$(left)" python3 "$bench" --tokenizer "$tokenizer" --nproc 1 --steps 15 --skip 9 --case-timeout 150 \
+  timeout "$(left)" python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 15 --skip 9 --case-timeout 150 \
     --torchtitan varlen-document-8192-compile \
     --cases varlen-document-8192-compile-fa4-unfused varlen-document-8192-compile-fa4 \
             varlen-document-8192-compile-fa4-b3 sdpa-causal-8192-compile \
     --profile varlen-document-8192-compile-fa4-b3 --out "$dest/runs" > "$dest/runs.log" 2>&1
   tail -3 "$dest/runs.log"
-  python3 - "$dest/runs/benchmark.json" "$(dirname "$bench")" <<'EOF'
+  python3 - "$dest/runs/benchmark.json" benchmarks <<'EOF'
 import json, sys
 sys.path.insert(0, sys.argv[2])
 import benchmark

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes import parallel  # noqa: E402
+from recipes import build, parallel  # noqa: E402
 from recipes.config import COMPILE_MODES, TrainingConfig  # noqa: E402
 from recipes.qwen3.attention import build_backend  # noqa: E402
 from recipes.qwen3.model import TransformerBlock, flavor_config, rope_cache  # noqa: E402
@@ -91,7 +91,7 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     blocks = torch.nn.ModuleList([TransformerBlock(config, backend) for _ in range(args.blocks)])
     blocks = blocks.to(device=device, dtype=torch.bfloat16)
     if levers["float8"]:
-        parallel.apply_float8(blocks)
+        build.apply_float8(blocks)
     if not args.eager:
         for block in blocks:
             block.compile(fullgraph=True, mode=levers["compile_mode"])
@@ -120,7 +120,7 @@ def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
     """The optimizer step over the flavor's whole model as train.py builds it (FSDP2 DTensors)."""
     parallel.init_distributed()
     training = TrainingConfig(dtype="bfloat16" if device.type == "cuda" else "float32")
-    model = parallel.build_model(flavor_config(args.flavor), training, "", device)
+    model = build.build_model(flavor_config(args.flavor), training, "", device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     rows = []

@@ -1,4 +1,4 @@
-"""parallel.build_model: built on the meta device, sharded, then materialised and initialised shard by shard, in
+"""build.build_model: built on the meta device, sharded, then materialised and initialised shard by shard, in
 real gloo process groups of 1 and 2 processes (CPU). The weights must not depend on the world size, and must equal
 the plain unsharded initialisation bit for bit; HF weights load into the shards; the 32B flavor builds without
 memory."""
@@ -19,8 +19,9 @@ import torch.multiprocessing as mp
 import transformers
 from torch.distributed.tensor import DTensor
 
-from recipes import parallel
-from recipes.config import TrainingConfig, load_config, model_shape
+from recipes import build
+from recipes.build import model_shape
+from recipes.config import TrainingConfig, load_config
 from recipes.errors import UserError
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config, rope_cache
@@ -43,7 +44,7 @@ def _full_state(model) -> dict[str, torch.Tensor]:
 def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str) -> None:
     _join(rank, world, store)
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
-    model = parallel.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
+    model = build.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
                                  torch.device("cpu"))
     state = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in _full_state(model).items()}
     facts = {"state": state, "rope": model.rope.clone(), "tied": model.output.weight is model.tok_embeddings.weight,
@@ -107,9 +108,9 @@ def _adamw_steps(rank: int, world: int, store: str, out: str) -> None:
     """Two AdamW steps over the FSDP2 (DTensor) parameters of the debug model, fused and foreach."""
     _join(rank, world, store)
     tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(rank))
-    results = {"start": _full_state(parallel.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu")))}
+    results = {"start": _full_state(build.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu")))}
     for implementation in ("fused", "foreach"):
-        model = parallel.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu"))
+        model = build.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **{implementation: True})
         for _ in range(2):
             model(tokens).square().mean().backward()
@@ -138,9 +139,9 @@ def test_float8_converts_the_blocks_linears_or_says_what_is_missing(monkeypatch)
     if importlib.util.find_spec("torchao") is None:
         with pytest.raises(UserError, match=r"^training.float8: torchao does not import .*pip install "
                                             r"torchao==0.18.0, or set training.float8 = false$"):
-            parallel.apply_float8(model.layers)
+            build.apply_float8(model.layers)
         return
-    parallel.apply_float8(model.layers)
+    build.apply_float8(model.layers)
     converted = {name for name, module in model.named_modules() if type(module).__name__ == "Float8Linear"}
     assert converted == {f"layers.{i}.{part}" for i in range(2) for part in (
         "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
@@ -148,7 +149,7 @@ def test_float8_converts_the_blocks_linears_or_says_what_is_missing(monkeypatch)
     assert type(model.output) is torch.nn.Linear  # the head stays: the loss uses its weight directly
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # and where it does not import, one line says so
     with pytest.raises(UserError, match=r"^training.float8: torchao does not import"):
-        parallel.apply_float8(Qwen3Model(flavor_config("debug")).layers)
+        build.apply_float8(Qwen3Model(flavor_config("debug")).layers)
 
 
 def _build_32b(rank: int, world: int, store: str, out: str) -> None:
@@ -156,7 +157,7 @@ def _build_32b(rank: int, world: int, store: str, out: str) -> None:
     shape = model_shape(load_config(None, ["--model.flavor", "32B"]), eos_id=0)
     with torch.device("meta"):
         model = Qwen3Model(shape)
-    parallel.apply_fsdp(model, torch.bfloat16, torch.device("cpu"))
+    build.apply_fsdp(model, torch.bfloat16)
     local = sum(p.to_local().numel() for p in model.parameters())
     if rank == 0:
         peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
