@@ -80,8 +80,8 @@ def apply_float8(blocks: torch.nn.Module) -> None:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
-        raise UserError(f"training.float8: torchao does not import ({error}); pip install torchao==0.18.0, or set "
-                        "training.float8 = false") from None
+        raise UserError(f"training.float8: torchao does not import ({error}); pip install '.[float8]' (torchao 0.18), "
+                        "or set training.float8 = false") from None
     convert_to_float8_training(blocks, config=Float8LinearConfig.from_recipe_name("tensorwise"),
                                module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
 

@@ -137,8 +137,8 @@ def test_fused_adamw_steps_dtensor_shards_as_foreach_does(tmp_path):
 def test_float8_converts_the_blocks_linears_or_says_what_is_missing(monkeypatch):
     model = Qwen3Model(flavor_config("debug"))
     if importlib.util.find_spec("torchao") is None:
-        with pytest.raises(UserError, match=r"^training.float8: torchao does not import .*pip install "
-                                            r"torchao==0.18.0, or set training.float8 = false$"):
+        with pytest.raises(UserError, match=r"^training.float8: torchao does not import .*; pip install '\.\[float8\]' "
+                                            r"\(torchao 0.18\), or set training.float8 = false$"):
             build.apply_float8(model.layers)
         return
     build.apply_float8(model.layers)
