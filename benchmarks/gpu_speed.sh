@@ -9,7 +9,8 @@
 #   3. loss: benchmarks/loss.py, chunk 4096 vs 8192 and the grad_weight sum in float32 vs bfloat16 at 32k tokens.
 # Usage (FA4 importable first; WHEELS_DIR holds torchtitan 0.2.2, torchao 0.18.0 and their needs):
 #   source .fa4/b/install.sh && bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
-# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (default all three). SPEED_BUDGET_S (default
+# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default) and tests (pytest -m gpu
+# tests/gpu/test_fa4.py: FA4 in compiled blocks with fused and separate projections, ~1 min). SPEED_BUDGET_S (default
 # 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
 # and what finished is kept (each writes its JSON after every case).
 set -u
@@ -28,8 +29,16 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)"; } \
   2>&1 | tee "$dest/machine.txt"
 left() { echo $((budget - (SECONDS - start))); }
-want() { [[ ",$parts," == *",$1,"* ]] && [ "$(left)" -gt "$2" ] || { echo "== $1: skipped ($(left) s of the budget left)"; false; }; }
+want() {  # part $1 was asked for and at least $2 s of the budget are left
+  [[ ",$parts," == *",$1,"* ]] || return 1
+  [ "$(left)" -gt "$2" ] || { echo "== $1: skipped, $(left) s of the budget left"; return 1; }
+}
 
+if want tests 60; then
+  echo "== tests ($(left) s left)"
+  GPU_RESULTS_DIR="$dest" timeout "$(left)" python3 -m pytest -m gpu tests/gpu/test_fa4.py -q -rs -p no:cacheprovider \
+    2>&1 | tail -4
+fi
 if want runs 120; then
   echo "== runs ($(left) s left)"
   timeout "$(left)" python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 15 --skip 9 --case-timeout 150 \
