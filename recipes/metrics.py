@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from recipes.config import to_dict
-from recipes.errors import write_failed
+from recipes.errors import first_line, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def start_wandb(config, output_dir: Path):
             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, x_disable_stats=True),
         )
     except Exception as error:  # W&B must never stop training: metrics.jsonl stays the record
-        log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, str(error).splitlines()[0][:200])
+        log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, first_line(error)[:200])
         return None
 
 

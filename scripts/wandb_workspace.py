@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from recipes.errors import first_line
+
 PANELS = ("loss", "grad_norm", "lr", "tokens_per_sec_per_gpu", "mfu", "mfu_torchtitan", "peak_memory_gib")
 
 
@@ -85,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         wandb.Api()
         view.save()
     except (wandb.errors.Error, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"wandb_workspace.py: error: could not save to W&B ({reason}); "
+        print(f"wandb_workspace.py: error: could not save to W&B ({first_line(error)}); "
               "set WANDB_API_KEY (or `wandb login`) and network access", file=sys.stderr)
         return 2
     print(view.url)

@@ -228,8 +228,7 @@ class RunHold:
 
     `RunHold.take(output_dir)` (one process) or `RunHold.for_run(output_dir, is_main)` (every rank; rank 0
     takes) -> a RunHold; `.release()`; `.files`: the names in the folder that are the hold's, for
-    outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it; `.lost`: True once the
-    heartbeat found the hold removed or taken over.
+    outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it.
     """
 
     def __init__(self, output_dir: Path, token: str | None = None, folder: _Folder | None = None,
@@ -238,7 +237,6 @@ class RunHold:
         self.path = self.output_dir / HOLD_FILE
         self.token = token
         self.held = token is not None
-        self.lost = False
         self._folder = folder
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
@@ -326,7 +324,7 @@ class RunHold:
         return tuple(sorted({HOLD_FILE, *names}))
 
     def _beat(self) -> None:
-        failing = False
+        failing = lost = False  # warn once per failure, and once when the hold is lost
         while not self._stop.wait(self._heartbeat_s):
             try:
                 with open(self.path, "rb") as f:
@@ -343,12 +341,12 @@ class RunHold:
                 failing = True
                 continue
             failing = False
-            if not ours and not self.lost:
+            if not ours and not lost:
                 holder = (_Seen(seen, 0, "").describe() if isinstance(seen, dict) and "token" in seen
                           else "nobody")
                 log.warning("hold %s: lost, now held by %s; another run may write to %s", self.path, holder,
                             self.output_dir)
-            self.lost = not ours
+            lost = not ours
 
     def release(self) -> None:
         """Stops the heartbeat and removes the hold if it still carries our token; a run that wrote nothing leaves

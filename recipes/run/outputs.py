@@ -63,10 +63,8 @@ def differences(saved: Config, current: Config, keys: frozenset[str]) -> dict[st
 
 def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] = ()) -> Config | None:
     """Refuses a folder holding another run; returns the config of the run it holds (to be resumed), or None for a
-    new run. `ignore` names files that do not count as contents (the run's hold)."""
-    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
-    if not existing.is_dir():
-        raise UserError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
+    new run. `ignore` names files that do not count as contents (the run's hold, which has already refused a path
+    through a file)."""
     saved_path = output_dir / SAVED_CONFIG
     if saved_path.is_file():
         saved = load_config(str(saved_path), source=str(saved_path))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes.config import tomllib
-from recipes.errors import UserError
+from recipes.errors import UserError, first_line
 
 WANDB_API_PREFIX = "wandb:"
 
@@ -84,11 +84,6 @@ def _history_rows(records: list[dict]) -> list[dict]:
     return _by_step(rows)
 
 
-def read_wandb_offline(path: str | Path) -> list[dict]:
-    """History rows of an offline W&B run, given its offline-run-* folder or its run-*.wandb file."""
-    return _history_rows(_wandb_records(_wandb_log_file(Path(path))))
-
-
 def _wandb_log_file(path: Path) -> Path:
     if path.is_file() and path.suffix == ".wandb":
         return path
@@ -110,11 +105,6 @@ def _wandb_config(records: list[dict]) -> dict:
     return config
 
 
-def read_wandb_api(run_path: str) -> list[dict]:
-    """History rows of a run on a W&B server, given "entity/project/run_id"."""
-    return _fetch_wandb_api(run_path)[1]
-
-
 def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
     """The public-API run object and its history rows."""
     import wandb
@@ -129,8 +119,7 @@ def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
             row.update({key: value for key, value in item.items() if not key.startswith("_") and value is not None})
             rows.append(row)
     except (wandb.errors.Error, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({reason}); "
+        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({first_line(error)}); "
                         "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder") from None
     return api_run, _by_step(rows)
 

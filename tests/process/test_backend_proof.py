@@ -95,7 +95,7 @@ def test_offline_wandb_runs_of_the_three_backends_hold_their_metrics_jsonl(runs)
         (offline_run,) = (runs[backend] / "wandb").glob("offline-run-*")
         # train.py sends W&B no None values (mfu on CPU, where no peak FLOP/s is known); every other value, exactly.
         logged = [{key: value for key, value in row.items() if value is not None} for row in read_metrics(runs[backend])]
-        read_back = load_run(str(offline_run))  # the history as read_wandb_offline reads it, and the run's config
+        read_back = load_run(str(offline_run))  # the history and the run's config, as compare_runs.py reads them
         assert read_back.rows == logged, backend
         assert read_back.label == backend
 
