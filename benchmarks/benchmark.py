@@ -142,7 +142,8 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     return {**spec, "impl": "torchtitan-0.2.2", **summarize(rows, args.skip), "wall_s": time.time() - started}
 
 
-def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
+def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8,
+               head_dim: int = 128) -> list[dict]:
     """Peak memory of attention forward+backward with GQA in the kernel vs K/V repeated to the query heads."""
     import torch
     import torch.nn.functional as F

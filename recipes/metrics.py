@@ -180,7 +180,8 @@ def console_line(row: dict) -> str:
 
 
 def build_profiler(output_dir: Path, enabled: bool):
-    """torch.profiler over training steps 7-9 (after compilation and warm-up) when [metrics] profile is set: rank 0 writes
+    """torch.profiler over training steps 7-9 (after compilation and warm-up) when [metrics] profile is set: rank 0
+    writes
     <output_dir>/profile/top_kernels.txt (device time per kernel) and a Chrome trace. None when disabled."""
     if not enabled:
         return None

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
-from recipes.cli import nonnegative_float, positive_int
 from recipes.build import model_shape
+from recipes.cli import nonnegative_float, positive_int
 from recipes.config import Config, load_config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
-from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.attention import BACKENDS
 from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
+from recipes.run.outputs import SAVED_CONFIG
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the run group holding one run per backend (default: $WANDB_RUN_GROUP, else "
                              "qwen3-backends as in configs/qwen3_{sdpa,flex,varlen}.toml)")
     parser.add_argument("--name", default="Attention backends", help="title of the view or report")
-    parser.add_argument("--report", action="store_true", help="save a report (shareable page) instead of a workspace view")
+    parser.add_argument("--report", action="store_true",
+                        help="save a report (shareable page) instead of a workspace view")
     args = parser.parse_args(argv)
     if not args.entity:
         parser.error("--entity is required (or set $WANDB_ENTITY): the W&B user or team that owns the project")

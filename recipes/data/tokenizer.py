@@ -23,9 +23,9 @@ _SHOWN_HASH_DIGITS = 8  # enough to tell corpora apart in a log line
 class Tokenizer:
     """A HF `tokenizers` tokenizer with the EOS that separates packed documents.
 
-    encode_batch() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not torchtitan's
-    HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan 0.2.2 does not
-    import on torch >= 2.13 without triton.
+    encode_batch() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not
+    torchtitan's HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan
+    0.2.2 does not import on torch >= 2.13 without triton.
     """
 
     def __init__(self, engine: tokenizers.Tokenizer, eos_token: str, name: str):

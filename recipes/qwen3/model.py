@@ -19,7 +19,6 @@ from recipes.qwen3.attention import build_backend
 from recipes.qwen3.loss import linear_cross_entropy
 
 
-
 @dataclass(frozen=True)
 class Qwen3Config:
     vocab_size: int = 151936

@@ -63,7 +63,8 @@ def _wandb_records(path: Path) -> list[dict]:
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb file")
+        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb "
+                        "file")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -147,7 +148,8 @@ def load_run(source: str) -> Run:
         return Run(_attention(dict(api_run.config)) or api_run.name, source, rows)
     path = Path(source)
     if not path.exists():
-        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or wandb:ENTITY/PROJECT/RUN_ID")
+        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or "
+                        "wandb:ENTITY/PROJECT/RUN_ID")
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         return Run(_config_toml_attention(path) or path.resolve().name, source, read_metrics(path))
     if path.suffix == ".wandb" or (path.is_dir() and any(path.glob("run-*.wandb"))):

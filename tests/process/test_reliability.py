@@ -26,13 +26,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from train_process import DEBUG_CONFIG, finish, launch, worker_pids
 
 from recipes.checkpoint import MANIFEST, complete_checkpoints, load_model_weights
 from recipes.errors import NONFINITE_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
 from recipes.run.runs import load_run
-from train_process import DEBUG_CONFIG, finish, launch, worker_pids
 
 STEPS = 16
 # The debug config shortened: 16 steps of 2 ranks x 2 rows x 64 tokens, a checkpoint every 4 steps, all kept.

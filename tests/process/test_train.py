@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 from recipes.config import load_config, to_toml
 from recipes.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 from recipes.run.outputs import check_output_dir
 from recipes.run.runs import load_run, read_metrics
-from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
@@ -154,7 +154,8 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
     cases = {
         "unknown_key": ([*RUN, "--training.stesp", "5"], "unknown key training.stesp; did you mean 'steps'?"),
         "wrong_type": (["--config", str(wrong_type)], "training.seq_len: expected int, got str '256'"),
-        "bad_backend": ([*RUN, "--model.attention", "flash"], "model.attention: 'flash' is not one of sdpa, flex, varlen"),
+        "bad_backend": ([*RUN, "--model.attention", "flash"],
+                        "model.attention: 'flash' is not one of sdpa, flex, varlen"),
     }
     started = {name: subprocess.Popen([sys.executable, "train.py", *args, "--job.output_dir", str(tmp_path / name)],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

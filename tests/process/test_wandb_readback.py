@@ -93,7 +93,8 @@ def test_a_corrupt_run_log_exits_2(tmp_path, capsys):
 
 
 def test_api_without_credentials_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "wandb:someone/readback/abc123", "wandb:someone/readback/def456"],
+    result = subprocess.run([sys.executable, str(SCRIPT), "wandb:someone/readback/abc123",
+                             "wandb:someone/readback/def456"],
                             env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == USER_ERROR_EXIT_CODE
     last_line = result.stderr.strip().splitlines()[-1]
@@ -110,7 +111,8 @@ def test_workspace_script_without_its_optional_package_exits_2(tmp_path):
             f"'me', '--group', 'g']; runpy.run_path({str(WORKSPACE_SCRIPT)!r}, run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True)
     assert result.returncode == USER_ERROR_EXIT_CODE
-    assert result.stderr == "wandb_workspace.py: error: wandb_workspaces is not installed; pip install wandb-workspaces\n"
+    assert result.stderr == ("wandb_workspace.py: error: wandb_workspaces is not installed; "
+                             "pip install wandb-workspaces\n")
 
 
 @pytest.mark.parametrize("kind", [[], ["--report"]])

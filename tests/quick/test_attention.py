@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-from torch.nn.attention.varlen import varlen_attn
-
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention.varlen import varlen_attn
 
 from recipes.qwen3 import attention, fa4
 from recipes.qwen3.attention import BACKENDS, MASKS, VarlenBackend, build_backend

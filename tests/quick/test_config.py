@@ -117,7 +117,8 @@ def test_override_mistakes_name_the_field_and_the_fix(overrides, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--model.attention", "flash"], "model.attention: 'flash' is not one of sdpa, flex, varlen"),
-    (["--model.attention", "vralen"], "model.attention: 'vralen' is not one of sdpa, flex, varlen; did you mean 'varlen'?"),
+    (["--model.attention", "vralen"],
+     "model.attention: 'vralen' is not one of sdpa, flex, varlen; did you mean 'varlen'?"),
     (["--model.mask", "sliding"], "model.mask: 'sliding' is not one of causal, document"),
     (["--model.flavor", "0.6b"], "model.flavor: '0.6b' is not one of debug, small, 0.6B"),
     (["--training.dtype", "float16"], "training.dtype: 'float16' is not one of bfloat16, float32"),

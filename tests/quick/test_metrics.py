@@ -10,7 +10,8 @@ from recipes.run.runs import read_metrics
 
 def test_a_resumed_run_drops_later_metrics_and_a_line_torn_by_a_crash(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": step, "loss": 9.0 - step}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo')
+    rows = "".join(json.dumps({"step": step, "loss": 9.0 - step}) + "\n" for step in (1, 2, 3))
+    path.write_text(rows + '{"step": 4, "lo')
     MetricsLogger(tmp_path, Config(), enabled=True, resume_step=2)
     assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
 
