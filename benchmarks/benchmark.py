@@ -94,7 +94,9 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     if rc != 0 or not metrics.exists():
         return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
                 "wall_s": time.time() - started}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from recipes.run.runs import read_metrics
+
+    rows = read_metrics(out)
     kernel = re.search(r"attention: varlen runs (.*?) on", log.read_text())
     result = {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started,
               "kernel_ran": kernel[1] if kernel else None}

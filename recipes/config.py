@@ -23,13 +23,14 @@ else:
     import tomli as tomllib
 
 from recipes.errors import UserError
+from recipes.qwen3.model import Qwen3Config
 
 
 @dataclass
 class ModelConfig:
     flavor: str = "debug"
     attention: str = "sdpa"  # sdpa | flex | varlen
-    mask: str = "document"  # causal | document
+    mask: str = Qwen3Config.mask  # causal | document: the model's default, stated once (recipes/qwen3/model.py)
     init_from: str = ""  # HF Qwen3 checkpoint folder to fine-tune from; "" = random init
     kernel: str = "auto"  # varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (flash-attn-4)
 

@@ -6,8 +6,11 @@ per run: global rank 0 takes it, and `RunHold.for_run` tells the other ranks the
 
 Why a file and not flock/fcntl: output folders live on NFS and Lustre, where those locks may be absent (NFS
 `nolock`, Lustre `noflock`: ENOSYS), node-local only (Lustre `localflock`: silently wrong across nodes) or
-stuck on a lost node until a lease or lock daemon gives up. The hold is a plain file, made with operations that
-are atomic on those filesystems:
+stuck on a lost node until a lease or lock daemon gives up. Why not filelock (4.3.1, installed with torch), whose
+soft locks do serve NFS: its SoftFileLease lets a newcomer take another machine's claim only after watching it
+unchanged for the whole lease on the newcomer's own clock, so a rerun after a lost node would wait STALE_AFTER_S
+however long ago the heartbeat stopped; and the record naming the holder (SLURM job, start) and the folder left as
+it was would stay ours. The hold is a plain file, made with operations that are atomic on those filesystems:
 
 - Taking: the record (JSON: host, pid, started (ISO), token (uuid4), plus boot_id, pid_ns, proc_start and
   slurm_job) is written and fsynced to a unique `.hold.new-<token>`, then `os.link`ed to `.hold`. link(2) is

@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch.distributed as dist
 
 from recipes.config import Config, load_config, to_dict, to_toml
 from recipes.errors import OutputWriteError, UserError, write_failed
+from recipes.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
     dist.barrier()
     failure = [None]
     if is_main:
-        tmp = output_dir / f".{SAVED_CONFIG}.tmp"
         path = output_dir / CONFIG_HISTORY
         try:
             if changed:
@@ -102,12 +101,9 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
                 log.warning("resume at step %d with changed settings: %s", step,
                             ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
             path = output_dir / SAVED_CONFIG
-            tmp.write_text(to_toml(config))
-            os.replace(tmp, path)
+            write_atomic(path, lambda handle: handle.write(to_toml(config).encode()))
         except OSError as error:
             failure = [str(write_failed(path, error))]
-        finally:
-            tmp.unlink(missing_ok=True)  # a half-written copy must not make the folder look taken
     dist.broadcast_object_list(failure)  # rank 0's failure stops every rank
     if failure[0] is not None:
         raise OutputWriteError(failure[0])

@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.config import tomllib
+from recipes import checkpoint
+from recipes.config import Config, load_config, tomllib
 from recipes.errors import UserError, first_line
+from recipes.run.outputs import SAVED_CONFIG
 
 WANDB_API_PREFIX = "wandb:"
 
@@ -26,28 +28,47 @@ class Run:
     rows: list[dict]
 
 
+def open_run(run_dir: Path, step: int | None) -> tuple[Config, Path]:
+    """A train.py run's resolved config and its checkpoint folder (the newest, or `step`'s), checked readable; a
+    UserError naming the fix where either is missing (scripts/eval_matrix.py, scripts/export_hf.py)."""
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    folder = checkpoint.find(run_dir / "checkpoints", step)
+    checkpoint.check_readable(folder)
+    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Rows of <run_dir>/metrics.jsonl, sorted by step."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl there; pass the output_dir of a train.py run")
-    text = path.read_text()
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        # A run killed mid-write leaves an unterminated last line; the lines before it are whole.
-        lines = lines[:-1]
+    lines = path.read_text().splitlines(keepends=True)
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not a JSON line ({error.msg}); fix or delete that line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise UserError(f"{path}:{number}: a metrics line needs an integer 'step'; fix or delete that line")
+        row = metrics_row(line)
+        if isinstance(row, str):
+            if number == len(lines) and not line.endswith("\n"):
+                continue  # a run killed mid-write leaves an unterminated last line; the lines before it are whole
+            raise UserError(f"{path}:{number}: {row}; fix or delete that line")
         rows.append(row)
     return _by_step(rows)
+
+
+def metrics_row(line: str) -> dict | str:
+    """One line of a metrics.jsonl, with its newline, as its row; or, for a torn line, why: cut mid-write (no
+    newline), not JSON, or no integer step. read_metrics and the resume's repair (recipes/metrics.py) read it."""
+    if not line.endswith("\n"):
+        return "cut mid-write (no newline)"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not a JSON line ({error.msg})"
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        return "a metrics line needs an integer 'step'"
+    return row
 
 
 def _by_step(rows: list[dict]) -> list[dict]:
