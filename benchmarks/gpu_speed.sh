@@ -7,8 +7,9 @@
 #   2. levers: benchmarks/levers.py, 4B blocks fwd+bwd bf16 vs float8 (kept only at ≥ 1.1×), and AdamW fused vs
 #      foreach over the 0.6B model's FSDP parameters;
 #   3. loss: benchmarks/loss.py, chunk 4096 vs 8192 and the grad_weight sum in float32 vs bfloat16 at 32k tokens.
-# Usage (FA4 importable first; WHEELS_DIR holds torchtitan 0.2.2, torchao 0.18.0 and their needs):
-#   source .fa4/b/install.sh && bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
+# Usage, FA4 importable first (benchmarks/gpu_setup.sh fa4-stage, then fa4-install) and WHEELS_DIR from
+# benchmarks/gpu_setup.sh wheels (torchtitan 0.2.2, torchao 0.18.0 and their needs):
+#   bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
 # DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default) and tests (pytest -m gpu
 # tests/gpu/test_fa4.py: FA4 in compiled blocks with fused and separate projections, ~1 min). SPEED_BUDGET_S (default
 # 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
