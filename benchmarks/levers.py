@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+from loss import Timer  # noqa: E402  (benchmarks/loss.py: CUDA events, or wall time on CPU)
+
 from recipes import build, parallel  # noqa: E402
 from recipes.config import COMPILE_MODES, TrainingConfig  # noqa: E402
 from recipes.qwen3.attention import build_backend  # noqa: E402
@@ -59,27 +61,10 @@ def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
     return starts.view(rows, seq)
 
 
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def median_ms(self, fn, warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                begin = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(times)
+def median_ms(timer: Timer, fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer(fn) for _ in range(repeats))
 
 
 def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
@@ -109,7 +94,7 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     started = time.perf_counter()
     step()  # compiles
     compile_s = time.perf_counter() - started
-    ms = timer.median_ms(step, args.warmup, args.repeats)
+    ms = median_ms(timer, step, args.warmup, args.repeats)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"part": "blocks", "flavor": args.flavor, "variant": variant, **levers, "blocks": args.blocks,
@@ -126,7 +111,7 @@ def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
     rows = []
     for implementation in ("fused", "foreach"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **{implementation: True})
-        ms = timer.median_ms(optimizer.step, args.warmup, args.repeats)
+        ms = median_ms(timer, optimizer.step, args.warmup, args.repeats)
         rows.append({"part": "adamw", "flavor": args.flavor, "variant": implementation, "ms": ms,
                      "params": model.num_params()})
         del optimizer
