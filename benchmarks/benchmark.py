@@ -10,9 +10,7 @@ model shape, documents, tokenizer and batch. Run on the GPU machine:
 
 A case is BACKEND-MASK-SEQ-MODE[-OPTION...]: MODE is compile or eager; options are a varlen kernel (torch, fa4),
 bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, f=FLAVOR (default --flavor), and
-the speed levers: unfused (separate q/k/v and gate/up matmuls, model.fused_projections = false), autotune
-(training.compile_mode = max-autotune-no-cudagraphs) and fp8 (training.float8 = true; torchao). torchtitan's
-Trainer takes none of the levers.
+fp8 (training.float8 = true; torchao; torchtitan's Trainer is run without it).
 """
 
 from __future__ import annotations
@@ -40,9 +38,6 @@ DEFAULT_CASES = [
 DEFAULT_TORCHTITAN = ["sdpa-causal-4096-compile", "varlen-document-8192-compile"]
 TOKENS_PER_GPU = 16384
 TORCHTITAN_MASK = {"causal": "causal", "document": "block_causal"}
-# Case options that switch a speed lever away from the recipe's default: option -> spec keys.
-LEVERS = {"unfused": {"fused_projections": False}, "autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
-          "fp8": {"float8": True}}
 
 
 def parse_case(case: str, flavor: str) -> dict:
@@ -52,12 +47,12 @@ def parse_case(case: str, flavor: str) -> dict:
     seq = int(seq_len)
     spec = {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
             "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor,
-            "fused_projections": True, "compile_mode": "default", "float8": False}
+            "float8": False}
     for option in options:
         if option in ("torch", "fa4"):
             spec["kernel"] = option
-        elif option in LEVERS:
-            spec.update(LEVERS[option])
+        elif option == "fp8":
+            spec["float8"] = True
         elif re.fullmatch(r"b\d+", option):
             spec["local_batch_size"] = int(option[1:])
         elif option.startswith("ac="):
@@ -101,8 +96,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
         "--model.flavor", spec["flavor"], "--model.mask", spec["mask"], "--model.kernel", spec["kernel"],
         "--training.activation_checkpoint", spec["ac"],
-        "--model.fused_projections", str(spec["fused_projections"]).lower(),
-        "--training.compile_mode", spec["compile_mode"], "--training.float8", str(spec["float8"]).lower(),
+        "--training.float8", str(spec["float8"]).lower(),
         "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
         "--training.steps", str(args.steps), "--training.compile", str(spec["compile"]).lower(),
         "--training.dtype", "bfloat16", "--optimizer.warmup_steps", "10",

@@ -1,15 +1,15 @@
 """Speed levers measured one at a time in one process, without the data loader or a whole training run.
 
 - blocks: transformer blocks of a flavor, forward + backward, compiled as in training, varlen document attention on
-  packed documents of realistic lengths, bf16; each variant is a set of levers (fused projections, float8, the
-  blocks' compile mode). At 4B, float8 against bf16 is the lever's decision (it is kept only at >= 1.1x).
+  packed documents of realistic lengths; variant bf16 or fp8 (training.float8: torchao, tensorwise). At 4B, fp8
+  against bf16 is the lever's decision (it is kept only at >= 1.1x).
 - adamw: the optimizer step of the flavor's whole model, FSDP2-sharded at world size 1 (DTensor parameters, as in
   training), fused against foreach.
 
 Medians of CUDA-event times after warm-up. Run on the GPU machine:
 
     python benchmarks/levers.py --parts blocks,adamw --out results/levers.json
-    python benchmarks/levers.py --parts blocks --flavor 4B --variants fused,fused-fp8,fp8
+    python benchmarks/levers.py --parts blocks --flavor 1.7B --variants bf16,fp8
     python benchmarks/levers.py --device cpu --flavor debug --tokens 256 --blocks 1 --repeats 2 --eager  # CPU smoke
 """
 
@@ -28,24 +28,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from loss import Timer  # noqa: E402  (benchmarks/loss.py: CUDA events, or wall time on CPU)
 
 from recipes import build, parallel  # noqa: E402
-from recipes.config import COMPILE_MODES, TrainingConfig  # noqa: E402
+from recipes.config import TrainingConfig  # noqa: E402
 from recipes.qwen3.attention import build_backend  # noqa: E402
 from recipes.qwen3.model import TransformerBlock, flavor_config, rope_cache  # noqa: E402
 
-# A variant is LEVER[-LEVER...]: fused or unfused projections, fp8 (float8, tensorwise), autotune (the blocks'
-# compile mode max-autotune-no-cudagraphs).
-LEVER_WORDS = {"fused": ("fused_projections", True), "unfused": ("fused_projections", False),
-               "fp8": ("float8", True), "autotune": ("compile_mode", COMPILE_MODES[1])}
-
-
-def parse_variant(variant: str) -> dict:
-    levers = {"fused_projections": True, "float8": False, "compile_mode": COMPILE_MODES[0]}
-    for word in variant.split("-"):
-        if word not in LEVER_WORDS:
-            raise SystemExit(f"levers.py: {word!r} in variant {variant!r} is not one of {', '.join(LEVER_WORDS)}")
-        key, value = LEVER_WORDS[word]
-        levers[key] = value
-    return levers
+VARIANTS = ("bf16", "fp8")  # the blocks' matmuls in bfloat16, or in float8 (training.float8)
 
 
 def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -68,18 +55,18 @@ def median_ms(timer: Timer, fn, warmup: int, repeats: int) -> float:
 
 
 def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
-    levers = parse_variant(variant)
-    config = flavor_config(args.flavor, attention="varlen", mask="document",
-                           fused_projections=levers["fused_projections"])
+    if variant not in VARIANTS:
+        raise SystemExit(f"levers.py: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    config = flavor_config(args.flavor, attention="varlen", mask="document")
     backend = build_backend("varlen", "document", "auto")
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList([TransformerBlock(config, backend) for _ in range(args.blocks)])
     blocks = blocks.to(device=device, dtype=torch.bfloat16)
-    if levers["float8"]:
+    if variant == "fp8":
         build.apply_float8(blocks)
     if not args.eager:
         for block in blocks:
-            block.compile(fullgraph=True, mode=levers["compile_mode"])
+            block.compile(fullgraph=True)
     rows, seq = 2, args.tokens // 2
     rope = rope_cache(config.head_dim, seq, config.rope_theta, device=device)
     meta = backend.attention_meta(document_starts(rows, seq), device)
@@ -97,7 +84,7 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     ms = median_ms(timer, step, args.warmup, args.repeats)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"part": "blocks", "flavor": args.flavor, "variant": variant, **levers, "blocks": args.blocks,
+    return {"part": "blocks", "flavor": args.flavor, "variant": variant, "blocks": args.blocks,
             "tokens": rows * seq, "ms": ms, "ms_per_block": ms / args.blocks, "first_call_s": compile_s}
 
 
@@ -123,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw")
     parser.add_argument("--flavor", default="4B", help="the blocks' flavor")
     parser.add_argument("--adamw-flavor", default="0.6B")
-    parser.add_argument("--variants", default="fused,fused-fp8", help="comma-separated block variants")
+    parser.add_argument("--variants", default="bf16,fp8", help="comma-separated block variants: bf16, fp8")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=16384, help="tokens a step, in two packed rows")
     parser.add_argument("--warmup", type=int, default=3)

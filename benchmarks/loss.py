@@ -7,7 +7,6 @@ path's loss and gradient difference against today's. Run on the GPU machine:
 
     python benchmarks/loss.py --out results/loss.json
     python benchmarks/loss.py --tokens 16384 --chunks 1024,2048,4096,8192     # chunk-size sweep of ours
-    python benchmarks/loss.py --tokens 32768 --chunks 4096,8192 --grad-weight-dtypes float32,bfloat16
     python benchmarks/loss.py --device cpu --tokens 300 --dim 64 --vocab 1000 --repeats 2   # CPU smoke check
 """
 
@@ -40,10 +39,9 @@ def today_path(compile_: bool):
     return run
 
 
-def ours_path(chunk: int, grad_weight_dtype: torch.dtype = torch.float32):
+def ours_path(chunk: int):
     def run(hidden, weight, labels):
-        return linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk,
-                                    grad_weight_dtype=grad_weight_dtype) / (labels != -100).sum()
+        return linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk) / (labels != -100).sum()
     return run
 
 
@@ -128,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunks", default=str(CHUNK_TOKENS), help="comma-separated chunk sizes for ours")
-    parser.add_argument("--grad-weight-dtypes", default="float32",
-                        help="comma-separated dtypes of ours' running grad_weight sum, e.g. float32,bfloat16")
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to -100")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"today (logits + compiled CE)" if not args.eager else "today (logits + eager CE)":
              today_path(not args.eager)}
     for chunk in (int(c) for c in args.chunks.split(",")):
-        for name in args.grad_weight_dtypes.split(","):
-            label = f"ours (chunk {chunk})" if name == "float32" else f"ours (chunk {chunk}, grad_weight {name})"
-            paths[label] = ours_path(chunk, getattr(torch, name))
+        paths[f"ours (chunk {chunk})"] = ours_path(chunk)
     cce = cce_path() if device.type == "cuda" else None
     if cce is not None:
         paths["cut-cross-entropy cce"] = cce

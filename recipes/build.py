@@ -23,8 +23,7 @@ def model_shape(config: Config, eos_id: int) -> Qwen3Config:
     """The one place that decides the model's shape: the flavor's, or with model.init_from the HF checkpoint's
     config.json. Returns a Qwen3Config with the run's attention backend, mask and kernel."""
     m = config.model
-    overrides = dict(attention=m.attention, mask=m.mask, kernel=m.kernel, fused_projections=m.fused_projections,
-                     eos_id=eos_id)
+    overrides = dict(attention=m.attention, mask=m.mask, kernel=m.kernel, eos_id=eos_id)
     if m.init_from:
         return read_hf_config(expand_path(m.init_from), **overrides)
     return flavor_config(m.flavor, **overrides)
@@ -51,7 +50,7 @@ def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, de
     if training.activation_checkpoint != "none":
         apply_activation_checkpointing(model, training.activation_checkpoint)
     if training.compile:
-        apply_compile(model, training.compile_mode)
+        apply_compile(model)
     apply_fsdp(model, getattr(torch, training.dtype))
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
@@ -74,9 +73,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
 
 
 def apply_float8(blocks: torch.nn.Module) -> None:
-    """torchao's float8 training for the linear layers of `blocks`, tensorwise scales (measured on an H200: 1.27x on
-    the blocks' matmuls at 1.7B, 1.37x at 4B; 0.98x at 0.6B; rowwise lost at every size). The output head stays
-    bfloat16: the fused loss uses its weight directly."""
+    """torchao's float8 training for the linear layers of `blocks`, tensorwise scales (on an H200, two compiled 4B
+    blocks forward + backward: 1.20x over bfloat16, docs/results.md section 5). The output head stays bfloat16: the
+    fused loss uses its weight directly."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
@@ -86,10 +85,10 @@ def apply_float8(blocks: torch.nn.Module) -> None:
                                module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
 
 
-def apply_compile(model: torch.nn.Module, mode: str = "default") -> None:
+def apply_compile(model: torch.nn.Module) -> None:
     """Compile block by block: every block has the same graph, so one compilation serves all of them."""
     for block in model.layers.values():
-        block.compile(fullgraph=True, mode=mode)
+        block.compile(fullgraph=True)
 
 
 def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype) -> None:

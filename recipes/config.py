@@ -33,7 +33,6 @@ class ModelConfig:
     mask: str = Qwen3Config.mask  # causal | document: the model's default, stated once (recipes/qwen3/model.py)
     init_from: str = ""  # HF Qwen3 checkpoint folder to fine-tune from; "" = random init
     kernel: str = "auto"  # varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (flash-attn-4)
-    fused_projections: bool = True  # one matrix product for q/k/v and one for gate/up; same parameters either way
 
 
 @dataclass
@@ -46,8 +45,7 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # bfloat16 | float32: parameter/compute dtype; gradients reduce in float32
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
-    float8: bool = False  # the blocks' matmuls in float8 (torchao, tensorwise scales); pays from 1.7B up on H100/H200
+    float8: bool = False  # the blocks' matmuls in float8 (torchao, tensorwise); for 1.7B and up on H100/H200
     activation_checkpoint: str = "none"  # none | full | selective
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a step whose loss or grad norm is not finite instead of stopping
@@ -126,8 +124,6 @@ class Config:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 AC_MODES = ("none", "full", "selective")
-# CUDA graphs (the other modes) are left out: FSDP2's hooks run between the compiled blocks.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def _suggestion(name: str, choices) -> str:
@@ -255,9 +251,6 @@ def validate(config: Config) -> None:
              f"model.kernel: {m.kernel!r} chooses among varlen's kernels; use \"auto\" with attention {m.attention!r}")
     _choice("training.dtype", t.dtype, ("bfloat16", "float32"))
     _choice("training.activation_checkpoint", t.activation_checkpoint, AC_MODES)
-    _choice("training.compile_mode", t.compile_mode, COMPILE_MODES)
-    _require(t.compile or t.compile_mode == "default",
-             f"training.compile_mode: {t.compile_mode!r} needs training.compile = true; set it or drop the mode")
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "sqrt"))
     for where, value, low in [("training.steps", t.steps, 1), ("training.seq_len", t.seq_len, 1),
                               ("training.local_batch_size", t.local_batch_size, 1),

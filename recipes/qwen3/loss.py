@@ -107,13 +107,12 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int,
-                grad_weight_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int) -> Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=weight.device) if need_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, n, chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
             logits = h @ weight.t()  # (chunk, vocab) in the inputs' dtype
@@ -134,19 +133,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = scale_to(grad_hidden, grad_output, ctx.dtypes[0])
         if grad_weight is not None:
             grad_weight = scale_to(grad_weight, grad_output, ctx.dtypes[1])
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
-                         chunk_tokens: int | None = None, grad_weight_dtype: torch.dtype = torch.float32) -> Tensor:
+                         chunk_tokens: int | None = None) -> Tensor:
     """SUM over the labels != ignore_index of the cross-entropy of `hidden @ weight.T`, as a float32 scalar:
     F.cross_entropy(logits.float(), labels, reduction="sum") without the logits; `mean_loss` averages it.
 
     hidden (N, dim) and weight (vocab, dim) in one dtype, the matmuls' (bfloat16 in training); labels (N,)
     int64. Softmax and log-sum-exp in float32; gradients accumulate in float32 and come back in the inputs'
-    dtypes. `chunk_tokens` (default CHUNK_TOKENS) sets how many rows of logits exist at a time;
-    `grad_weight_dtype` the running sum of grad_weight over the chunks (benchmarks/loss.py compares bfloat16, which
-    halves that sum's memory traffic and rounds it once per chunk).
+    dtypes. `chunk_tokens` (default CHUNK_TOKENS) sets how many rows of logits exist at a time.
     """
     if (hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]
             or hidden.shape[1] != weight.shape[1]):
@@ -155,7 +152,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     chunk = chunk_tokens or CHUNK_TOKENS
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk, grad_weight_dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)  # evaluation: no gradient work
     for start in range(0, hidden.shape[0], chunk):
         loss += chunk_loss(hidden[start:start + chunk] @ weight.t(), labels[start:start + chunk], ignore_index)

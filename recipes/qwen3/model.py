@@ -1,8 +1,7 @@
 """Qwen3 dense decoder, written to be read beside the Qwen3 report and HF's modeling_qwen3.
 
 Parameter names follow torchtitan's Qwen3 (tok_embeddings, layers.N.attention.wq, ...), so a torchtitan state
-dict loads into this model and back; recipes.qwen3.hf maps them to Hugging Face names. With `fused_projections`
-the projections of one input run as one matrix product (q/k/v, and gate/up), over the same separate parameters.
+dict loads into this model and back; recipes.qwen3.hf maps them to Hugging Face names.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ class Qwen3Config:
     attention: str = "sdpa"  # sdpa | flex | varlen
     mask: str = "document"  # causal | document; the recipe's default too (config.ModelConfig.mask)
     kernel: str = "auto"  # varlen's kernel: auto | torch | fa4
-    fused_projections: bool = True  # one matrix product for q/k/v and one for gate/up (fused_linear)
     eos_id: int = 151643  # <|endoftext|>; written to an HF export only (the loader says where documents begin)
 
 
@@ -82,20 +80,6 @@ def _normal_(param: torch.Tensor, std: float, generator: torch.Generator | None)
     local.copy_(whole[rows])
 
 
-def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """x @ [W_1; W_2; ...].T: the projections of one input as one matrix product (x read once, one wider GEMM, one
-    GEMM each for its input and weight gradients) instead of one per projection. The weights are concatenated at
-    each call (a copy of a few MB per layer) and stay separate parameters, so their names, initialisation, FSDP
-    sharding, HF mapping and checkpoints are those of the unfused model."""
-    weight = torch.cat([linear.weight for linear in linears])
-    first = linears[0]
-    if type(first).__name__ == "Float8Linear":  # training.float8: torchao's scaled matmul, one scale for the whole
-        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-
-        return matmul_with_hp_or_float8_args.apply(x, weight.t(), first.linear_mm_config, first.config)
-    return F.linear(x, weight)
-
-
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
     """(max_seq_len, 2, head_dim) cos and sin in float32, in the rotate-half layout of Qwen3/HF."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
@@ -123,18 +107,12 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
         self.backend = backend
         self.scale = config.head_dim**-0.5
-        self.fused = config.fused_projections
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta) -> torch.Tensor:
         batch, seq, _ = x.shape
-        if self.fused:
-            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = fused_linear(x, (self.wq, self.wk, self.wv)).split([q_dim, kv_dim, kv_dim], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim))
-        k = self.k_norm(k.view(batch, seq, self.n_kv_heads, self.head_dim))
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+        q = self.q_norm(self.wq(x).view(batch, seq, self.n_heads, self.head_dim))
+        k = self.k_norm(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim))
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         out = self.backend(apply_rope(q, rope), apply_rope(k, rope), v, meta, self.scale)
         return self.wo(out.reshape(batch, seq, self.n_heads * self.head_dim))
 
@@ -142,19 +120,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); HF calls w1 gate_proj, w3 up_proj, w2 down_proj."""
 
-    def __init__(self, dim: int, hidden_dim: int, fused: bool):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = fused_linear(x, (self.w1, self.w3)).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -163,7 +136,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = Attention(config, backend)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.fused_projections)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, meta)

@@ -132,24 +132,6 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(runs, env, tmp_path)
     assert [{key: row[key] for key in expected[0]} for row in read_metrics(b)] == expected
 
 
-def test_a_checkpoint_resumes_across_fused_projections(env, tmp_path):
-    """A checkpoint saved with one matmul per projection (the model before fused projections: the same parameter
-    names) resumes with them fused, recorded as a config change, and continues its run's losses to fp32 noise."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    short = [*RUN, "--training.steps", "6", "--checkpoint.interval", "3", "--eval.interval", "0"]
-    finish(launch(env, tmp_path / "a.log", [*short, "--model.fused_projections", "false", "--job.output_dir", str(a)]),
-           tmp_path / "a.log")
-    shutil.copytree(a / "checkpoints" / "step-00000003", b / "checkpoints" / "step-00000003")
-    config = load_config(str(a / "config.toml"), ["--job.output_dir", str(b)])
-    (b / "config.toml").write_text(to_toml(config))
-    text = finish(launch(env, tmp_path / "b.log", ["--config", str(b / "config.toml"), "--model.fused_projections",
-                                                   "true"]), tmp_path / "b.log")
-    assert "(step 3)" in text
-    assert load_config(str(b / "config.toml")).model.fused_projections
-    gaps = [abs(x - y) for x, y in zip(losses(a)[3:], losses(b), strict=True)]
-    assert max(gaps) <= 1e-5, gaps
-
-
 def test_preempted_run_checkpoints_exits_75_and_continues_exactly(runs, env):
     """The first attempt (in `runs`) exited 75 on SIGUSR1; the same command again finishes the run."""
     out = runs["preempted"]

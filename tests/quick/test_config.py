@@ -142,10 +142,6 @@ def test_override_mistakes_name_the_field_and_the_fix(overrides, message):
     (["--training.max_grad_norm", "0"], "training.max_grad_norm: must be > 0"),
     (["--checkpoint.interval", "-5"], "checkpoint.interval: must be >= 0"),
     (["--job.output_dir", ""], "job.output_dir: must not be empty"),
-    (["--training.compile", "true", "--training.compile_mode", "max-autotune"],
-     "training.compile_mode: 'max-autotune' is not one of default, max-autotune-no-cudagraphs"),
-    (["--training.compile_mode", "max-autotune-no-cudagraphs"],
-     "training.compile_mode: 'max-autotune-no-cudagraphs' needs training.compile = true"),
 ])
 def test_validation_refuses_out_of_range_values(overrides, message):
     with pytest.raises(UserError) as error:

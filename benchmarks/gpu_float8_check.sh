@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Does training.float8 keep the loss? ~3 minutes on 1×H200. configs/qwen3_sdpa.toml (the small flavor: dims 512 and
+# 1536, multiples of 16 as torchao's tensorwise float8 needs), compiled, trained from scratch for 300 steps three
+# times: bf16, bf16 again (the repeat: the run-to-run floor) and float8, with the validation loss every 50 steps. Then
+# scripts/compare_runs.py --metric val_loss over the three: exit code 0 when every pair is within the proof's
+# tolerances (the floor the backends are held to); the printed table sets float8's differences beside the repeat's.
+# The option stays only if this passes (issue 18).
+#   bash benchmarks/gpu_float8_check.sh WHEELS_DIR [DEST] [-- --section.key value ...]
+# WHEELS_DIR from benchmarks/gpu_setup.sh wheels (torchao 0.18.0 among them). DEST defaults to $OUT; it receives
+# each run's metrics.jsonl and config.toml, the logs, compare.json/.txt/.png. Overrides after -- go to every run.
+set -u
+wheels=$(cd "$1" && pwd); shift
+dest=${OUT:-/tmp/float8-check}
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then dest=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh  # wheels, environment
+{ nvidia-smi -L; python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)"; } \
+  2>&1 | tee "$dest/machine.txt"
+work=/tmp/float8-check-work
+rm -rf "$work" && mkdir -p "$work"  # a rerun trains anew
+for run in bf16:false bf16_repeat:false float8:true; do
+  name=${run%%:*}
+  echo "== $name ($SECONDS s)"
+  python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py --config configs/qwen3_sdpa.toml \
+    --training.steps 300 --training.compile true --training.float8 "${run#*:}" --eval.interval 50 \
+    --checkpoint.interval 0 --metrics.wandb false --job.output_dir "$work/$name" "$@" > "$dest/$name.log" 2>&1
+  echo "rc=$?"; grep -E "val_loss|Error|error:" "$dest/$name.log" | tail -3
+  mkdir -p "$dest/$name" && cp "$work/$name"/{metrics.jsonl,config.toml} "$dest/$name/" 2>/dev/null
+done
+python3 scripts/compare_runs.py "$work"/{bf16,bf16_repeat,float8} --metric val_loss --labels bf16,bf16_repeat,float8 \
+  --png "$dest/compare.png" --json "$dest/compare.json" 2>&1 | tee "$dest/compare.txt"
+rc=${PIPESTATUS[0]}
+echo "== compare_runs.py exit code $rc (0: float8 within the floor; 1: outside, the option goes) in $SECONDS s"
+exit "$rc"
