@@ -29,8 +29,8 @@ from matplotlib.figure import Figure  # the object API needs no pyplot backend, 
 
 from recipes.cli import nonnegative_float, nonnegative_int, positive_int
 from recipes.errors import UserError
-from recipes.outputs import DEFINES_RUN
-from recipes.runs import WANDB_API_PREFIX, Run, load_run
+from recipes.run.outputs import DEFINES_RUN
+from recipes.run.runs import WANDB_API_PREFIX, Run, load_run
 
 STATISTICS = {"early": "early max|Δloss|", "late": "late max|mean Δloss|", "val": "max|Δval_loss|"}
 MARGIN = 3.0  # two samples of one noise differ in their maximum by up to ~2× (1×H200: repeats 0.24-0.35, pairs 0.14-0.49)
@@ -118,7 +118,7 @@ def flat(config: dict) -> dict[str, object]:
 
 
 def check_same_run(a: Run, b: Run) -> None:
-    """Refuses two runs whose recorded configs differ in a key that defines the run (recipes.outputs.DEFINES_RUN)."""
+    """Refuses two runs whose recorded configs differ in a key that defines the run (recipes.run.outputs.DEFINES_RUN)."""
     keys_a, keys_b = flat(a.config), flat(b.config)
     for key in sorted(DEFINES_RUN & keys_a.keys() & keys_b.keys()):
         if keys_a[key] != keys_b[key]:

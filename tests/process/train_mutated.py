@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: find train.py and recipes/
 
 import train  # noqa: E402
-from recipes import parallel  # noqa: E402
+from recipes import build  # noqa: E402
 from recipes.qwen3.mutation import MUTATIONS  # noqa: E402
 
-build_correct_model = parallel.build_model
+build_correct_model = build.build_model
 
 
 if __name__ == "__main__":
@@ -29,5 +29,5 @@ if __name__ == "__main__":
         sys.exit(2)
     inject = MUTATIONS[sys.argv[1]]
     # train.py looks the builder up at call time
-    parallel.build_model = lambda *args, **kwargs: inject(build_correct_model(*args, **kwargs))
+    build.build_model = lambda *args, **kwargs: inject(build_correct_model(*args, **kwargs))
     sys.exit(train.main(sys.argv[2:]))

@@ -10,7 +10,7 @@
 # Writes runs (metrics, configs, W&B offline runs; no checkpoints), compare.{png,json,txt}, eval matrices, logs and
 # summary.json to DEST (default $OUT or /tmp/proof). About 5 minutes on 1×H200. Exit code 0 when every verdict is
 # the expected one. Options after DEST go to train_backends.sh (--preset cpu rehearses the whole script on a CPU).
-#   bash scripts/gpu_proof.sh [DEST [train_backends.sh options]]
+#   bash benchmarks/gpu_proof.sh [DEST [train_backends.sh options]]
 set -u
 dest=${1:-${OUT:-/tmp/proof}}
 shift || true
