@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 work=/tmp/proof-work
 rm -rf "$work" && mkdir -p "$work"  # a rerun must train anew, not resume the finished runs
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
-if [ -n "${PYTHON:-}" ]; then python=$PYTHON; elif [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+. scripts/python.sh  # sets $python
 export PYTHON=$python
 {
   nvidia-smi -L
@@ -28,10 +28,12 @@ export PYTHON=$python
 } | tee "$dest/machine.txt"
 start=$(date +%s)
 
+pids=()  # what runs now: a signal stops them (train_backends.sh stops its own runs) before this script exits
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; echo "gpu_proof.sh: stopped" >&2; exit 130' INT TERM
 seeds=(1234 1 2)
-pids=()
 for seed in "${seeds[@]}"; do
-  bash scripts/train_backends.sh --out "$work/seed$seed" --nproc 1 "$@" -- --training.seed "$seed" > "$dest/seed$seed.log" 2>&1 &
+  bash scripts/train_backends.sh --out "$work/seed$seed" --nproc 1 "$@" -- --training.seed "$seed" \
+    > "$dest/seed$seed.log" 2>&1 &
   pids+=($!)
   if [ ${#pids[@]} -eq 1 ]; then  # the first one fills the tokenizer and data cache before the others read it
     for _ in $(seq 300); do [ -s "$work/seed$seed/start/metrics.jsonl" ] && break; sleep 1; done
@@ -43,7 +45,7 @@ echo "honest proofs: exit codes ${status[*]} after $(( $(date +%s) - start )) s"
 
 proof=$work/seed1234
 declare -A mutated=([layout]=varlen [leak]=flex [scale]=varlen)
-mpids=()
+pids=()
 for mutation in layout leak scale; do
   backend=${mutated[$mutation]}
   run_dir=$work/mutation-$mutation/qwen3_${backend}_$mutation
@@ -55,9 +57,10 @@ for mutation in layout leak scale; do
     --config "$proof/qwen3_$backend/config.toml" --job.output_dir "$run_dir" --job.name "$(basename "$run_dir")" \
     --metrics.wandb_group "mutation-$mutation" \
     > "$dest/mutation-$mutation.log" 2>&1 &
-  mpids+=($!)
+  pids+=($!)
 done
-for pid in "${mpids[@]}"; do wait "$pid"; done
+for pid in "${pids[@]}"; do wait "$pid"; done
+pids=()
 for mutation in layout leak scale; do
   backend=${mutated[$mutation]}
   honest=() labels=""

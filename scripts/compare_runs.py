@@ -33,7 +33,8 @@ from recipes.run.outputs import DEFINES_RUN
 from recipes.run.runs import WANDB_API_PREFIX, Run, load_run
 
 STATISTICS = {"early": "early max|Δloss|", "late": "late max|mean Δloss|", "val": "max|Δval_loss|"}
-MARGIN = 3.0  # two samples of one noise differ in their maximum by up to ~2× (1×H200: repeats 0.24-0.35, pairs 0.14-0.49)
+# Two samples of one noise differ in their maximum by up to ~2× (1×H200: repeats 0.24-0.35, honest pairs 0.14-0.49).
+MARGIN = 3.0
 # The smallest tolerance, for repeats that come out bit-identical (deterministic kernels, CPU): honest backends
 # differ by ~1e-6 in fp32 (CPU) and by <= 1.6e-4 over the first 60 steps of a bf16 warm start (1×H200); the
 # mutations in recipes/qwen3/mutation.py move the early loss by >= 4e-3 (fp32, debug model).
@@ -77,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="train.py output dir, W&B offline-run-* folder or .wandb file, or wandb:ENTITY/PROJECT/RUN_ID")
+                        help="train.py output dir, W&B offline-run-* folder or .wandb file, or "
+                             "wandb:ENTITY/PROJECT/RUN_ID")
     parser.add_argument("--early-steps", type=positive_int, default=DEFAULT_EARLY_STEPS, metavar="K",
                         help=f"compared steps in the early test (default {DEFAULT_EARLY_STEPS})")
     parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
@@ -118,7 +120,7 @@ def flat(config: dict) -> dict[str, object]:
 
 
 def check_same_run(a: Run, b: Run) -> None:
-    """Refuses two runs whose recorded configs differ in a key that defines the run (recipes.run.outputs.DEFINES_RUN)."""
+    """Refuses two runs whose recorded configs differ in a key that defines the run (outputs.DEFINES_RUN)."""
     keys_a, keys_b = flat(a.config), flat(b.config)
     for key in sorted(DEFINES_RUN & keys_a.keys() & keys_b.keys()):
         if keys_a[key] != keys_b[key]:
@@ -237,8 +239,8 @@ def verdict_lines(pairs: list[PairResult], tolerances: Tolerances, eval_matrix: 
     for pair in failed:
         lines.append(f"DISAGREE: {pair.a} vs {pair.b}: " + "; ".join(reasons(pair, tolerances)))
     if matrix_failed:
-        lines.append(f"DISAGREE: eval matrix at the start checkpoint: the backends' spread {eval_matrix['max_spread']:.2e} "
-                     f"> {eval_matrix['tolerance']:.0e}")
+        lines.append(f"DISAGREE: eval matrix at the start checkpoint: the backends' spread "
+                     f"{eval_matrix['max_spread']:.2e} > {eval_matrix['tolerance']:.0e}")
     if not lines:
         floor = (f"floor from {', '.join(tolerances.repeats)}" if tolerances.calibrated
                  else "UNCALIBRATED: no repeat among the runs; constants UNCALIBRATED[" + repr(tolerances.dtype) + "]")
@@ -249,8 +251,9 @@ def verdict_lines(pairs: list[PairResult], tolerances: Tolerances, eval_matrix: 
 
 def print_report(runs: list[Run], pairs: list[PairResult], tolerances: Tolerances, args: argparse.Namespace,
                  eval_matrix: dict | None) -> None:
+    skipped = f"; steps <= {args.skip_steps} left out" if args.skip_steps else ""
     print(f"{len(runs)} runs ({tolerances.dtype}): early = first {args.early_steps} compared steps, late = means over "
-          f"{args.window}-step windows after them" + (f"; steps <= {args.skip_steps} left out" if args.skip_steps else ""))
+          f"{args.window}-step windows after them{skipped}")
     width = max(len(run.label) for run in runs)
     for run in runs:
         loss = series(run, "loss", 0)
@@ -262,7 +265,8 @@ def print_report(runs: list[Run], pairs: list[PairResult], tolerances: Tolerance
     print(f"\n{'pair':<{width}}  {'steps':>5}  {'early':>8}  {'late':>8}  {'val':>8}  verdict")
     for name, pair in zip(names, pairs):
         cells = "  ".join(f"{number(pair.values[stat]):>8}" for stat in STATISTICS)
-        print(f"{name:<{width}}  {pair.steps:>5}  {cells}  {'ok' if not pair.failed else 'FAILS ' + ', '.join(pair.failed)}")
+        verdict = "ok" if not pair.failed else "FAILS " + ", ".join(pair.failed)
+        print(f"{name:<{width}}  {pair.steps:>5}  {cells}  {verdict}")
     limits = ", ".join(f"{stat} {tolerances.limit[stat]:.2e}" for stat in STATISTICS)
     if tolerances.calibrated:
         print(f"\ntolerance = {args.margin:g} × the floor of {', '.join(tolerances.repeats)}, at least "
@@ -400,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(table, indent=2) + "\n")
             print(f"wrote {args.json}")
     except OSError as error:
-        print(f"compare_runs.py: error: cannot write {error.filename}: {error.strerror}; pass a writable --png/--json path",
-              file=sys.stderr)
+        print(f"compare_runs.py: error: cannot write {error.filename}: {error.strerror}; pass a writable --png/--json "
+              "path", file=sys.stderr)
         return 2
     if args.wandb:
         recorded = record_in_wandb(runs, table)

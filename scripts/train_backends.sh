@@ -26,7 +26,7 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 caller=$PWD  # a relative --out is the caller's, not the repository's (the script works from the repository root)
 cd "$(dirname "$0")/.."
-if [ -n "${PYTHON:-}" ]; then python=$PYTHON; elif [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+. scripts/python.sh  # sets $python
 out="outputs/backends-$(date +%Y%m%d-%H%M%S)"
 nproc=""
 repeat=sdpa
@@ -105,7 +105,8 @@ run() {
 train() {  # config backend, run folder, train.py arguments...
   echo "== $1 -> $2"
   run "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" train.py \
-    --config "configs/qwen3_$1.toml" --job.output_dir "$2" --metrics.wandb_group "$group" --job.name "$(basename "$2")" \
+    --config "configs/qwen3_$1.toml" --job.output_dir "$2" --job.name "$(basename "$2")" \
+    --metrics.wandb_group "$group" \
     "${overrides[@]}" "${@:3}"
 }
 
@@ -119,7 +120,9 @@ matrix=()
 if [ "$mode" = warm ]; then
   train sdpa "$out/start" --training.steps "$pretrain_steps" --checkpoint.enable true --checkpoint.interval 0
   echo "== eval_matrix: the start checkpoint under every backend"
-  run "$python" scripts/eval_matrix.py "$out/start" --json "$out/eval_matrix.json" > >(tee "$out/eval_matrix.md") || true
+  # its verdict joins compare_runs.py's through the JSON
+  run "$python" scripts/eval_matrix.py "$out/start" --json "$out/eval_matrix.json" > >(tee "$out/eval_matrix.md") ||
+    true
   matrix=(--eval-matrix "$out/eval_matrix.json")
   total=$((pretrain_steps + steps))
   for run_dir in "${runs[@]}"; do

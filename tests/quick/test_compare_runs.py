@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import runpy
 import struct
@@ -97,7 +98,8 @@ def test_a_bias_in_the_first_steps_disagrees_naming_pair_statistic_and_floor(tmp
     assert code == 1
     assert result["verdict"] == "DISAGREE"
     failed = {(pair["a"], pair["b"]): pair["failed"] for pair in result["pairs"] if pair["failed"]}
-    assert sorted(failed) == [("flex", "varlen"), ("sdpa (qwen3_sdpa)", "varlen"), ("varlen", "sdpa (qwen3_sdpa_repeat)")]
+    assert sorted(failed) == [("flex", "varlen"), ("sdpa (qwen3_sdpa)", "varlen"),
+                              ("varlen", "sdpa (qwen3_sdpa_repeat)")]
     assert all("early" in stats for stats in failed.values())
     line = next(line for line in out.splitlines() if line.startswith("DISAGREE: sdpa (qwen3_sdpa) vs varlen"))
     assert re.search(r"early max\|Δloss\| 5\.\d\de-02 at step 1[01]\d > ", line)
@@ -174,7 +176,7 @@ def test_nothing_is_written_into_the_runs_unless_asked(tmp_path, capsys):
     runs = proof(tmp_path)
     before = sorted(tmp_path.rglob("*"))
     result = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], cwd=tmp_path, capture_output=True,
-                            text=True)
+                            text=True, env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])})
     assert result.returncode == 0, result.stderr
     assert sorted(tmp_path.rglob("*")) == before
     assert compare_main([*map(str, runs), "--png", str(tmp_path / "qwen3_sdpa" / "compare.png")]) == 0
@@ -199,7 +201,8 @@ def test_the_eval_matrix_joins_the_verdict(tmp_path, capsys):
     matrix.write_text(json.dumps({"device": "cuda", "tolerance": 0.02, "max_spread": 3.2, "agree": False, "rows": []}))
     code, result = compare(runs, tmp_path, "--eval-matrix", str(matrix))
     assert code == 1
-    assert "DISAGREE: eval matrix at the start checkpoint: the backends' spread 3.20e+00 > 2e-02" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DISAGREE: eval matrix at the start checkpoint: the backends' spread 3.20e+00 > 2e-02" in out
     matrix.write_text("{}")
     assert compare_main([*map(str, runs), "--eval-matrix", str(matrix)]) == USER_ERROR_EXIT_CODE
 
@@ -272,3 +275,16 @@ def test_read_metrics_names_the_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\nnot json\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(tmp_path)
+
+
+def test_the_committed_false_alarm_measurement_has_20_honest_cpu_proofs_that_agree():
+    """benchmarks/proof_false_alarms.sh wrote it: the whole proof (--preset cpu) over 20 seeds, each calibrated by
+    its own repeat; the honest backends' largest difference stays below every tolerance."""
+    table = json.loads((SCRIPT.parents[1] / "docs" / "results" / "cpu" / "proof_false_alarms.json").read_text())
+    proofs = table["proofs"]
+    assert len({proof["seed"] for proof in proofs}) == len(proofs) == table["total"] >= 20
+    assert table["agree"] == table["total"] and table["false_alarm_rate"] == 0
+    for proof in proofs:
+        assert (proof["verdict"], proof["calibrated"], proof["dtype"]) == ("AGREE", True, "float32")
+        assert proof["loss_steps"] == 30  # the preset's 30 steps after the start
+        assert all(proof["largest"][stat] <= proof["tolerance"][stat] for stat in proof["tolerance"])
