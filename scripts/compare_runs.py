@@ -245,7 +245,12 @@ def verdict_lines(pairs: list[PairResult], tolerances: Tolerances, eval_matrix: 
         floor = (f"floor from {', '.join(tolerances.repeats)}" if tolerances.calibrated
                  else "UNCALIBRATED: no repeat among the runs; constants UNCALIBRATED[" + repr(tolerances.dtype) + "]")
         matrix = "" if eval_matrix is None else f"; eval matrix spread {eval_matrix['max_spread']:.2e}"
-        lines.append(f"AGREE: all {len(pairs)} pairs within tolerance ({floor}){matrix}")
+        nearest = max(((pair, stat) for pair in pairs for stat in STATISTICS if pair.values[stat] is not None),
+                      key=lambda item: item[0].values[item[1]] / tolerances.limit[item[1]])
+        pair, stat = nearest
+        lines.append(f"AGREE: all {len(pairs)} pairs within tolerance ({floor}){matrix}; nearest: {pair.a} vs "
+                     f"{pair.b} {STATISTICS[stat]} {pair.values[stat]:.2e} <= {tolerances.limit[stat]:.2e} "
+                     f"({tolerances.why(stat)})")
     return not lines[0].startswith("DISAGREE"), lines
 
 
