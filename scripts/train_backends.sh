@@ -102,9 +102,11 @@ run() {
   child=""
   return "$status"
 }
+launch=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" train.py)
+[ "$nproc" -gt 1 ] || launch=("$python" train.py)  # one process needs no torchrun (and starts in half the time)
 train() {  # config backend, run folder, train.py arguments...
   echo "== $1 -> $2"
-  run "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" train.py \
+  run "${launch[@]}" \
     --config "configs/qwen3_$1.toml" --job.output_dir "$2" --job.name "$(basename "$2")" \
     --metrics.wandb_group "$group" \
     "${overrides[@]}" "${@:3}"

@@ -24,7 +24,8 @@ from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.run.runs import load_run, read_metrics, read_wandb_summary
 from train_process import REPO, finish
 
-compare_main = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))["main"]
+compare_script = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))
+compare_main, compare_statistics = compare_script["main"], compare_script["STATISTICS"]
 LAUNCHER = REPO / "scripts" / "train_backends.sh"
 EVAL_MATRIX = REPO / "scripts" / "eval_matrix.py"
 HONEST = ("sdpa", "flex", "varlen", "sdpa_repeat")
@@ -113,8 +114,11 @@ def test_every_mutation_disagrees_while_the_honest_backends_agree(proof, mutatio
     result = json.loads(table.read_text())
     failed = {pair["a"] + " vs " + pair["b"]: pair for pair in result["pairs"] if pair["failed"]}
     assert sorted(failed) == sorted(f"{name} vs {label}" for name in honest)
-    assert all("early" in pair["failed"] and pair["values"]["early"] > 1e-3 for pair in failed.values()), failed
-    assert f"DISAGREE: sdpa vs {label}: early max|Δloss|" in out
+    # Rows of 128 tokens rarely hold a document boundary, so the leak shows in val_loss (held-out rows, which do);
+    # the other two change every row's attention, and the first steps show them.
+    decisive = "val" if mutation == "leak" else "early"
+    assert all(pair["values"][decisive] > 1e-3 for pair in failed.values()), failed
+    assert f"DISAGREE: sdpa vs {label}: {compare_statistics[decisive]}" in out
 
 
 def test_the_start_checkpoint_agrees_under_every_backend_and_not_through_the_layout_mistake(proof, env, tmp_path):
