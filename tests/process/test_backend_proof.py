@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
+from train_process import REPO, finish
 
 from recipes.config import load_config
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.run.runs import load_run, read_metrics, read_wandb_summary
-from train_process import REPO, finish
 
 compare_script = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))
 compare_main, compare_statistics = compare_script["main"], compare_script["STATISTICS"]
