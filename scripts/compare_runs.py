@@ -136,7 +136,7 @@ def is_repeat(a: Run, b: Run) -> bool:
 
 def series(run: Run, metric: str, skip_steps: int) -> dict[int, float]:
     return {row["step"]: float(row[metric]) for row in run.rows
-            if row.get(metric) is not None and row["step"] > skip_steps}
+            if row.get(metric) is not None and (not skip_steps or row["step"] > skip_steps)}
 
 
 def compare_pair(a: Run, b: Run, args: argparse.Namespace) -> PairResult:
