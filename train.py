@@ -35,6 +35,13 @@ class NonFiniteError(RuntimeError):
     exit_code = NONFINITE_EXIT_CODE
 
 
+# torchrun SIGKILLs its workers 30 s after passing them a SIGTERM (a fixed timeout in torch 2.11's
+# torch.distributed.elastic), as SLURM does after its KillWait (30 s by default). A step longer than that never
+# reaches its end in time, so once steps take over a third of it the ranks also agree between micro-batches whether
+# one was signalled, and abandon the step: the checkpoint is then the previous step's.
+KILL_GRACE_S = 30.0
+
+
 class PreemptionFlag:
     """SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel) and Ctrl-C (SIGINT) ask for
     a checkpoint at the next step boundary; a second Ctrl-C stops at once, without saving."""
@@ -109,16 +116,31 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
+    def stop_preempted(last_step: int, abandoned: str = "") -> int:
+        if config.checkpoint.enable:
+            checkpoint.save(checkpoints, last_step, model, optimizer, scheduler, loader, config.checkpoint.keep)
+        log.warning("preempted (%s) at step %d%s: %s", preemption.signal_name or "signal on another rank", last_step,
+                    abandoned, "checkpoint saved; run again to continue" if config.checkpoint.enable
+                    else "checkpoint.enable=false, so nothing was saved")
+        return PREEMPTED_EXIT_CODE
+
     micro_rows = t.local_batch_size // t.grad_accum_steps
     train_start = time.perf_counter()
-    step = start_step
+    step, long_steps = start_step, False
     try:
         for step in range(start_step + 1, t.steps + 1):
+            step_start = time.perf_counter()
+            position = loader.state_dict()  # where this step's batch begins, should the step be abandoned
             batch = next(loader)
             throughput.add(batch)
             loss_sum = torch.zeros((), device=device)
             micro_batches = batch.split(micro_rows)
             for micro, mb in enumerate(micro_batches):
+                if micro and long_steps and parallel.any_rank(preemption.signal_name is not None, device):
+                    loader.load_state_dict(position)  # the resumed run starts with this step's batch
+                    optimizer.zero_grad(set_to_none=True)
+                    return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of "
+                                                    f"the {KILL_GRACE_S:.0f} s before SIGKILL)")
                 model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
                 meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
                 # the step's loss is the mean over every label the loss counts, on every rank and micro-batch
@@ -128,8 +150,9 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
             grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
 
             # One host sync per step: mean loss over ranks, grad norm, and whether any rank was signalled.
-            loss_value, grad_norm_value, preempted = parallel.step_stats(loss_sum, grad_norm,
-                                                                          preemption.signal_name is not None)
+            loss_value, grad_norm_value, preempted, step_seconds = parallel.step_stats(
+                loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - step_start)
+            long_steps = step_seconds > KILL_GRACE_S / 3
             if not torch.isfinite(torch.tensor([loss_value, grad_norm_value])).all():
                 message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
                 if not t.skip_nonfinite:
@@ -159,14 +182,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                     throughput.reset()  # the evaluation's time belongs to no training step
                 metrics.log(row)
 
-            interval = config.checkpoint.interval
-            if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):
-                checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
             if preempted:
-                log.warning("preempted (%s) at step %d: %s", preemption.signal_name or "signal on another rank", step,
-                            "checkpoint saved; run again to continue" if config.checkpoint.enable
-                            else "checkpoint.enable=false, so nothing was saved")
-                return PREEMPTED_EXIT_CODE
+                return stop_preempted(step)
+            interval = config.checkpoint.interval
+            if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps):
+                checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
         log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
                  output_dir)
         return 0
