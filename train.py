@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,19 +21,17 @@ from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data, optim, outputs, parallel
-from recipes.config import check_fits, expand_path, load_config, model_shape
-from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, OutputWriteError, UserError
+from recipes import build, checkpoint, data, optim, parallel
+from recipes.run import outputs
+from recipes.config import expand_path, load_config
+from recipes.errors import PREEMPTED_EXIT_CODE, NonFiniteError, RecipeError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
-from recipes.hold import RunHold
 from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
+from recipes.qwen3.loss import mean_loss
+from recipes.run.hold import RunHold
 
 log = logging.getLogger("train")
-
-
-class NonFiniteError(RuntimeError):
-    exit_code = NONFINITE_EXIT_CODE
 
 
 # torchrun SIGKILLs its workers 30 s after passing them a SIGTERM (a fixed timeout in torch 2.11's
@@ -40,6 +39,10 @@ class NonFiniteError(RuntimeError):
 # reaches its end in time, so once steps take over a third of it the ranks also agree between micro-batches whether
 # one was signalled, and abandon the step: the checkpoint is then the previous step's.
 KILL_GRACE_S = 30.0
+
+
+class StepAbandoned(Exception):
+    """All ranks stopped a step between micro-batches, on a signal: nothing of it was applied."""
 
 
 class PreemptionFlag:
@@ -97,10 +100,10 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
         loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,
                                        dist_.world_size, t.seed, cache_dir)
         heldout = data.heldout_batches(config, tokenizer, dist_.rank, dist_.world_size, cache_dir)
-    shape = model_shape(config, tokenizer.eos_id)
-    check_fits(shape, t.seq_len, tokenizer)
+    shape = build.model_shape(config, tokenizer.eos_id)
+    build.check_fits(shape, t.seq_len, tokenizer)
 
-    model = parallel.build_model(shape, t, config.model.init_from, device)
+    model = build.build_model(shape, t, config.model.init_from, device)
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
              config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
              tokenizer.name, dist_.world_size, device.type)
@@ -124,68 +127,39 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                     else "checkpoint.enable=false, so nothing was saved")
         return PREEMPTED_EXIT_CODE
 
-    micro_rows = t.local_batch_size // t.grad_accum_steps
     train_start = time.perf_counter()
     step, long_steps = start_step, False
     try:
         for step in range(start_step + 1, t.steps + 1):
-            step_start = time.perf_counter()
             position = loader.state_dict()  # where this step's batch begins, should the step be abandoned
             batch = next(loader)
             throughput.add(batch)
-            loss_sum = torch.zeros((), device=device)
-            micro_batches = batch.split(micro_rows)
-            for micro, mb in enumerate(micro_batches):
-                if micro and long_steps and parallel.any_rank(preemption.signal_name is not None, device):
-                    loader.load_state_dict(position)  # the resumed run starts with this step's batch
-                    optimizer.zero_grad(set_to_none=True)
-                    return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of "
-                                                    f"the {KILL_GRACE_S:.0f} s before SIGKILL)")
-                model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
-                meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
-                # the step's loss is the mean over every label the loss counts, on every rank and micro-batch
-                loss = model(mb.inputs.to(device), meta, mb.labels.to(device)) * (dist_.world_size / mb.global_labels)
-                loss.backward()  # FSDP averages gradients over ranks: scaled by world size, they sum to the mean's
-                loss_sum += loss.detach()
-            grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
-
-            # One host sync per step: mean loss over ranks, grad norm, and whether any rank was signalled.
-            loss_value, grad_norm_value, preempted, step_seconds = parallel.step_stats(
-                loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - step_start)
-            long_steps = step_seconds > KILL_GRACE_S / 3
-            if not torch.isfinite(torch.tensor([loss_value, grad_norm_value])).all():
-                message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
-                if not t.skip_nonfinite:
-                    raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
-                                                   "training.skip_nonfinite=true to skip such steps")
-                log.warning("%s: step skipped (training.skip_nonfinite)", message)
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            try:
+                loss, grad_norm, preempted, seconds = train_step(model, batch, optimizer, scheduler, step, t, device,
+                                                                 preemption, agree_between_micro_batches=long_steps)
+            except StepAbandoned:
+                loader.load_state_dict(position)  # the resumed run starts with this step's batch
+                return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of the "
+                                                f"{KILL_GRACE_S:.0f} s before SIGKILL)")
+            long_steps = seconds > KILL_GRACE_S / 3
             if profiler is not None:
                 profiler.step()
 
-            evaluate = config.eval.interval and (step % config.eval.interval == 0 or step == t.steps)
-            if step % config.metrics.log_every == 0 or step == t.steps or preempted or evaluate:
-                row = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm_value,
-                    **throughput.rates(peak),
-                    "peak_memory_gib": peak_memory_gib(device),
-                    "elapsed_s": time.perf_counter() - train_start,
-                }
+            last = step == t.steps
+            evaluate = config.eval.interval and (step % config.eval.interval == 0 or last)
+            if step % config.metrics.log_every == 0 or last or preempted or evaluate:
+                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       **throughput.rates(peak), "peak_memory_gib": peak_memory_gib(device),
+                       "elapsed_s": time.perf_counter() - train_start}
                 if evaluate:
-                    row["val_loss"] = validation_loss(model, heldout, device, micro_rows)
+                    row["val_loss"] = validation_loss(model, heldout, device, t.local_batch_size // t.grad_accum_steps)
                     throughput.reset()  # the evaluation's time belongs to no training step
                 metrics.log(row)
 
             if preempted:
                 return stop_preempted(step)
             interval = config.checkpoint.interval
-            if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps):
+            if config.checkpoint.enable and ((interval and step % interval == 0) or last):
                 checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
         log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
                  output_dir)
@@ -197,10 +171,46 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
         torch.distributed.destroy_process_group()
 
 
+def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device, preemption: PreemptionFlag,
+               agree_between_micro_batches: bool) -> tuple[float, float, bool, float]:
+    """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
+    (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
+    finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, whether
+    any rank was asked to stop, and the step's seconds (the same on every rank); one host sync for the four.
+    With `agree_between_micro_batches`, the ranks also agree before each further micro-batch whether one was
+    signalled, and if so raise StepAbandoned."""
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
+    for micro, mb in enumerate(micro_batches):
+        if micro and agree_between_micro_batches and parallel.any_rank(preemption.signal_name is not None, device):
+            optimizer.zero_grad(set_to_none=True)
+            raise StepAbandoned
+        model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
+        meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
+        loss = mean_loss(model(mb.inputs.to(device), meta, mb.labels.to(device)), mb.global_labels)
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
+    loss_value, grad_norm_value, preempted, seconds = parallel.step_stats(
+        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
+    if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
+        message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
+        if not t.skip_nonfinite:
+            raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
+                                           "training.skip_nonfinite=true to skip such steps")
+        log.warning("%s: step skipped (training.skip_nonfinite)", message)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss_value, grad_norm_value, preempted, seconds
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (UserError, NonFiniteError, OutputWriteError) as error:  # each carries its exit code
+    except RecipeError as error:  # each carries its exit code
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

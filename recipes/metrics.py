@@ -112,7 +112,7 @@ class MetricsLogger:
         self._truncate_after(resume_step)
         if config.metrics.wandb:
             self.wandb_run = start_wandb(config, output_dir)
-        if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/outputs.py)
+        if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/run/outputs.py)
             self.wandb_run.config.update(to_dict(config), allow_val_change=True)
 
     def _truncate_after(self, step: int) -> None:

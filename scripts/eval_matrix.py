@@ -21,10 +21,11 @@ import torch
 
 from recipes import checkpoint, data
 from recipes.cli import nonnegative_float, positive_int
-from recipes.config import Config, load_config, model_shape
+from recipes.build import model_shape
+from recipes.config import Config, load_config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
-from recipes.outputs import SAVED_CONFIG
+from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.attention import BACKENDS
 from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake

@@ -22,9 +22,10 @@ import torch
 
 from recipes import checkpoint, data
 from recipes.cli import positive_int
-from recipes.config import expand_path, load_config, model_shape
+from recipes.build import model_shape
+from recipes.config import expand_path, load_config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
-from recipes.outputs import SAVED_CONFIG
+from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model
 

@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: find train.py and recipes/
 
 import train  # noqa: E402
-from recipes import parallel  # noqa: E402
+from recipes import build  # noqa: E402
 
-build_model = parallel.build_model
+build_model = build.build_model
 
 
 def build_slow_model(*args, seconds: float, **kwargs):
@@ -26,5 +26,5 @@ def build_slow_model(*args, seconds: float, **kwargs):
 
 if __name__ == "__main__":
     seconds = float(sys.argv[1])
-    parallel.build_model = lambda *args, **kwargs: build_slow_model(*args, seconds=seconds, **kwargs)
+    build.build_model = lambda *args, **kwargs: build_slow_model(*args, seconds=seconds, **kwargs)
     sys.exit(train.main(sys.argv[2:]))
