@@ -207,10 +207,24 @@ def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.d
     return loss_value, grad_norm_value, preempted, seconds
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> None:
+    """main() as a process: its exit code, a RecipeError's one line and exit code, and a clean exit.
+
+    The process groups outlive destroy_process_group (DTensor's caches keep their device meshes), so gloo's run-loop
+    threads and NCCL's would still run while the interpreter finalizes and tears them down in no set order, which
+    can abort a finished run (SIGABRT, "terminate called without an active exception") and fail it under torchrun.
+    By then every output is written and closed, so the process leaves without finalizing."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(argv)
     except RecipeError as error:  # each carries its exit code
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        code = error.exit_code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -27,4 +27,4 @@ def build_slow_model(*args, seconds: float, **kwargs):
 if __name__ == "__main__":
     seconds = float(sys.argv[1])
     build.build_model = lambda *args, **kwargs: build_slow_model(*args, seconds=seconds, **kwargs)
-    sys.exit(train.main(sys.argv[2:]))
+    train.run(sys.argv[2:])
