@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from recipes import build, checkpoint, data, optim, parallel
-from recipes.run import outputs
 from recipes.config import expand_path, load_config
 from recipes.errors import PREEMPTED_EXIT_CODE, NonFiniteError, RecipeError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
 from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
 from recipes.qwen3.loss import mean_loss
+from recipes.run import outputs
 from recipes.run.hold import RunHold
 
 log = logging.getLogger("train")

@@ -66,7 +66,7 @@ def main() -> None:
     rows.update({key: [] for key in ("bare_save_s", "save_s", "bare_save_cpu_s", "save_cpu_s", "verify_s", "load_s")})
     for i in range(args.repeats):
         for kind in ("bare", "recipe") if i % 2 == 0 else ("recipe", "bare"):  # alternated: no order advantage
-            wall, cpu = timed(lambda: bare(i) if kind == "bare" else recipe(i))
+            wall, cpu = timed(lambda i=i, kind=kind: bare(i) if kind == "bare" else recipe(i))
             prefix = "bare_save" if kind == "bare" else "save"
             rows[f"{prefix}_s"].append(wall)
             rows[f"{prefix}_cpu_s"].append(cpu)

@@ -23,13 +23,14 @@ else:
     import tomli as tomllib
 
 from recipes.errors import UserError
+from recipes.qwen3.model import Qwen3Config
 
 
 @dataclass
 class ModelConfig:
     flavor: str = "debug"
     attention: str = "sdpa"  # sdpa | flex | varlen
-    mask: str = "document"  # causal | document
+    mask: str = Qwen3Config.mask  # causal | document: the model's default, stated once (recipes/qwen3/model.py)
     init_from: str = ""  # HF Qwen3 checkpoint folder to fine-tune from; "" = random init
     kernel: str = "auto"  # varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (flash-attn-4)
 
@@ -44,7 +45,7 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # bfloat16 | float32: parameter/compute dtype; gradients reduce in float32
     compile: bool = False
-    activation_checkpoint: str = "none"  # none | full | selective (true/false are read as full/none)
+    activation_checkpoint: str = "none"  # none | full | selective
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a step whose loss or grad norm is not finite instead of stopping
 
@@ -122,8 +123,6 @@ class Config:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 AC_MODES = ("none", "full", "selective")
-# Values earlier releases wrote, read as what they meant.
-_LEGACY_VALUES = {"training.activation_checkpoint": {True: "full", False: "none", "true": "full", "false": "none"}}
 
 
 def _suggestion(name: str, choices) -> str:
@@ -171,11 +170,7 @@ def _apply(config: Config, section: str, key: str, value, from_cli: bool) -> Non
     where = f"{section}.{key}"
     if key not in types:
         raise UserError(f"unknown key {where}{_closest(key, types)}")
-    legacy = _LEGACY_VALUES.get(where, {})
-    if isinstance(value, (bool, str)) and value in legacy:  # not ints: 1 == True would match
-        value = legacy[value]
-    else:
-        value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
+    value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
     setattr(getattr(config, section), key, value)
 
 

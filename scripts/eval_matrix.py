@@ -19,29 +19,20 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
-from recipes.cli import ArgumentParser, nonnegative_float, positive_int
 from recipes.build import model_shape
-from recipes.config import Config, load_config
+from recipes.cli import ArgumentParser, nonnegative_float, positive_int
+from recipes.config import Config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
-from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.attention import BACKENDS
 from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
+from recipes.run.runs import open_run
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the
 # debug model); in bf16 by the kernels' bf16 error, which measured up to ~5e-3 on 2×H100 (docs/results.md).
 TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
-
-
-def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
-    """The run's resolved config and checkpoint folder; UserError naming the fix where one is missing."""
-    if not (run_dir / SAVED_CONFIG).is_file():
-        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
-    folder = checkpoint.find(run_dir / "checkpoints", step)
-    checkpoint.check_readable(folder)
-    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
 
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
@@ -91,7 +82,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[device.type]
     try:
-        inputs = [(run, *run_inputs(run, args.step)) for run in args.runs]  # all checked before any evaluation
+        inputs = [(run, *open_run(run, args.step)) for run in args.runs]  # all checked before any evaluation
         rows = [evaluate_run(run, config, folder, args, device) for run, config, folder in inputs]
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

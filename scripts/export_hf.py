@@ -20,28 +20,24 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
-from recipes.cli import ArgumentParser, positive_int
 from recipes.build import model_shape
-from recipes.config import expand_path, load_config
+from recipes.cli import ArgumentParser, positive_int
+from recipes.config import expand_path
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
-from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model
+from recipes.run.runs import open_run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype) -> Path:
-    if not (run_dir / SAVED_CONFIG).is_file():
-        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    config, folder = open_run(run_dir, step)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
     above = next(path for path in dest.parents if path.exists())
     if not above.is_dir():
         raise UserError(f"DEST: {above} is a file, so {dest} cannot be made under it; name another folder")
-    config = load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG))
-    folder = checkpoint.find(run_dir / "checkpoints", step)
-    checkpoint.check_readable(folder)
     tokenizer = data.build_tokenizer(config.data, data.default_cache_dir())
     model = Qwen3Model(model_shape(config, tokenizer.eos_id))
     checkpoint.load_model_weights(folder, model)
