@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: find recipes/
 
-from train_process import DEBUG_CONFIG, launch, train_env, worker_pids  # noqa: E402
-
 import torch  # noqa: E402
+from train_process import DEBUG_CONFIG, launch, train_env, worker_pids  # noqa: E402
 
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "12", "--training.seq_len", "64",
        "--training.local_batch_size", "2", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
