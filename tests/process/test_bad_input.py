@@ -484,8 +484,8 @@ def test_each_key_refuses_its_bad_values_with_exit_2_and_one_line_naming_it(gene
 # ----------------------------------------------------------------------------------------------- script arguments
 # Every numeric option of the Python scripts, by the argparse type that checks it (recipes/cli.py), gets the bad values
 # of that type; test_every_numeric_script_option_is_in_the_table keeps the table complete.
-SCRIPT_OPTIONS = {"compare_runs.py": {"--tolerance": "nonnegative_float", "--mean-tolerance": "nonnegative_float",
-                                      "--window": "positive_int", "--skip-steps": "nonnegative_int"},
+SCRIPT_OPTIONS = {"compare_runs.py": {"--early-steps": "positive_int", "--window": "positive_int",
+                                      "--margin": "nonnegative_float", "--skip-steps": "nonnegative_int"},
                   "eval_matrix.py": {"--step": "positive_int", "--batches": "positive_int",
                                      "--batch-size": "positive_int", "--tolerance": "nonnegative_float"},
                   "export_hf.py": {"--step": "positive_int"}}
