@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data, optim, outputs, parallel
-from recipes.config import check_fits, expand_path, load_config, model_shape
+from recipes.config import check_fits, config_help, expand_path, load_config, model_shape
 from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, OutputWriteError, UserError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
@@ -29,6 +29,15 @@ from recipes.hold import RunHold
 from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
 
 log = logging.getLogger("train")
+
+OVERRIDES_HELP = """\
+Any key below can be set on the command line, after the file, as --section.key VALUE or --section.key=VALUE
+(the last one wins). VALUE is read as the key's type: STR as is, INT/FLOAT/BOOL as TOML (3e-4, 1_000, true),
+LIST[STR] comma-separated. Example:
+  python train.py --config configs/qwen3_debug.toml --training.steps 50 --optimizer.lr 1e-3 --job.output_dir outputs/try
+Every key is explained in docs/config.md.
+
+"""
 
 
 class NonFiniteError(RuntimeError):
@@ -65,8 +74,13 @@ def setup_logging(dist_: parallel.Distributed) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=OVERRIDES_HELP + config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --config FILE [--dry-run] [--section.key VALUE ...]")
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/qwen3_debug.toml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, data, tokenizer, model shape and output folder, print what the run "
+                             "would do, and write nothing into the output folder")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     dist_ = parallel.init_distributed()

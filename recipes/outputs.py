@@ -42,10 +42,11 @@ MAY_CHANGE = frozenset({
     "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
     "data.mask_boundary_loss",
     "eval.interval", "eval.batches",
-    "checkpoint.enable", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep",
-    "job.output_dir", "job.name",
+    "checkpoint.enable", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep", "checkpoint.load_step",
+    "checkpoint.export_hf",
+    "job.output_dir", "job.name", "job.print_config",
     "metrics.log_every", "metrics.wandb", "metrics.wandb_project", "metrics.wandb_entity", "metrics.wandb_group",
-    "metrics.wandb_tags", "metrics.profile",
+    "metrics.wandb_tags", "metrics.profile", "metrics.tensorboard",
 })
 SAVED_CONFIG = "config.toml"
 CONFIG_HISTORY = "config_history.jsonl"
