@@ -78,7 +78,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="job.output_dir of a train.py run (config.toml and checkpoints/); one row each")
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
     parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="rows per held-out batch")

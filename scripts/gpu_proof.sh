@@ -3,6 +3,7 @@
 # (the noise floor), the comparison, and the evaluation matrix with the mutation column. Writes everything to
 # DEST (default $OUT or /tmp/proof) and a tarball of it beside.
 #   bash scripts/gpu_proof.sh [DEST]
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 dest=${1:-${OUT:-/tmp/proof}}
 mkdir -p "$dest" && dest=$(cd "$dest" && pwd)  # relative to the caller's folder

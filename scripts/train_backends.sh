@@ -8,6 +8,7 @@
 # --nproc    processes per run (default: the GPUs nvidia-smi lists, else 1)
 # --repeat   also train BACKEND a second time (DIR/qwen3_<backend>_repeat): the run-to-run noise floor
 # Overrides after -- go to every run. PYTHON selects the interpreter (default: python3).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 caller=$PWD  # a relative --out is the caller's, not the repository's (the script works from the repository root)
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@
 #   RUNS_DIR   parent folder of the group's folder, relative to the repository root (default: outputs)
 # The runs land in $RUNS_DIR/$RUN_GROUP/qwen3_{sdpa,flex,varlen}; the SLURM logs and the comparison plot
 # beside them.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 
 cd "$(dirname "$0")/.."  # the jobs' submit dir must be the repository root
