@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data, optim, outputs, parallel
-from recipes.config import check_fits, config_help, expand_path, load_config, model_shape
+from recipes import checkpoint, optim, outputs, parallel, startup
+from recipes.config import config_help, expand_path, load_config, to_toml
 from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, OutputWriteError, UserError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
 from recipes.hold import RunHold
-from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
+from recipes.metrics import MetricsLogger, build_profiler, finished_line, peak_memory_gib, timed
 
 log = logging.getLogger("train")
 
@@ -63,8 +63,14 @@ class PreemptionFlag:
 
 
 def setup_logging(dist_: parallel.Distributed) -> None:
-    logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
+    # Libraries (torchtitan logs to the root logger, torch warns through `warnings`) say the same on every rank:
+    # rank 0 says it once; the other ranks keep only the recipe's own warnings.
+    logging.basicConfig(level=logging.INFO if dist_.is_main else logging.ERROR,
                         format=f"%(asctime)s [rank{dist_.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    if not dist_.is_main:
+        logging.captureWarnings(True)
+        for name in ("train", "recipes"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if (dist_.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))):
         # torchrun then keeps one store across restarts, and what a killed attempt left there can send the
@@ -84,46 +90,54 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     dist_ = parallel.init_distributed()
-    setup_logging(dist_)
-    preemption = PreemptionFlag()
-    output_dir = expand_path(config.job.output_dir)
-    with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
-        saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
-        return train(config, dist_, output_dir, saved, preemption)
+    try:
+        setup_logging(dist_)
+        preemption = PreemptionFlag()
+        output_dir = expand_path(config.job.output_dir)
+        if args.dry_run:
+            return startup.dry_run(config, dist_, output_dir)
+        with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
+            saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
+            resume = startup.resume_point(output_dir, config, saved)  # a load_step without its checkpoint: refused
+            if resume[1] == config.training.steps and not resume[2]:
+                log.info(finished_line(output_dir, resume[0]))  # nothing to train: no config.toml write, no W&B run
+                return 0
+            return train(config, dist_, output_dir, saved, resume, preemption)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preemption: PreemptionFlag) -> int:
+def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, preemption: PreemptionFlag) -> int:
     t, device = config.training, dist_.device
+    if config.job.print_config:
+        log.info("resolved config (as saved to config.toml):\n%s", to_toml(config))
     torch.manual_seed(t.seed)
     parallel.set_deterministic(t.deterministic)
 
-    # Tokenizer and data: rank 0 fills the cache first, the others then read it.
-    cache_dir = data.default_cache_dir()
-    with parallel.main_rank_first():
-        tokenizer = data.build_tokenizer(config.data, cache_dir)
-        loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,
-                                       dist_.world_size, t.seed, cache_dir)
-        heldout = data.heldout_batches(config, tokenizer, dist_.rank, dist_.world_size, cache_dir)
-    shape = model_shape(config, tokenizer.eos_id)
-    check_fits(shape, t.seq_len, tokenizer)
+    tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
 
-    model = parallel.build_model(shape, t, config.model.init_from, device)
+    with timed("model: building"):
+        model = parallel.build_model(shape, t, config.model.init_from, device)
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
              config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
              tokenizer.name, dist_.world_size, device.type)
     optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
     checkpoints = output_dir / "checkpoints"
-    start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader, t.steps) if saved else 0
+    folder, _, superseded = resume
+    start_step = checkpoint.load(folder, model, optimizer, scheduler, loader, t.steps) if folder else 0
     if start_step:
         optim.apply_settings(optimizer, scheduler, config.optimizer)
     # Every input, the checkpoint included, is checked: from here on the run writes, config.toml first.
-    changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main)
-    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed)
+    changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, superseded)
+    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed,
+                            on_cpu=device.type == "cpu")
     peak = peak_flops(device)
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
     micro_rows = t.local_batch_size // t.grad_accum_steps
+    log.info("training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1,
+             t.steps)
     train_start = time.perf_counter()
     step = start_step
     try:
@@ -153,6 +167,8 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if step == start_step + 1:
+                log.info("first step: done in %.1f s", time.perf_counter() - train_start)
             scheduler.step()
             if profiler is not None:
                 profiler.step()
@@ -166,6 +182,7 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                     "grad_norm": grad_norm_value,
                     **throughput.rates(peak),
                     "peak_memory_gib": peak_memory_gib(device),
+                    "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
                     "elapsed_s": time.perf_counter() - train_start,
                 }
                 if evaluate:
@@ -181,14 +198,14 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                             "checkpoint saved; run again to continue" if config.checkpoint.enable
                             else "checkpoint.enable=false, so nothing was saved")
                 return PREEMPTED_EXIT_CODE
-        log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
-                 output_dir)
+        newest = checkpoint.complete_checkpoints(checkpoints)
+        log.info(metrics.summary(start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None,
+                                 output_dir))
         return 0
     finally:
         if profiler is not None:
             profiler.stop()
         metrics.close()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -50,6 +51,7 @@ MAY_CHANGE = frozenset({
 })
 SAVED_CONFIG = "config.toml"
 CONFIG_HISTORY = "config_history.jsonl"
+SUPERSEDED = "superseded"  # checkpoints a [checkpoint] load_step went back from
 
 
 def config_keys(config: Config) -> dict[str, object]:
@@ -86,17 +88,30 @@ def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] =
     return None
 
 
-def record_config(output_dir: Path, config: Config, saved: Config | None, step: int, is_main: bool) -> dict:
+def record_config(output_dir: Path, config: Config, saved: Config | None, step: int, is_main: bool,
+                  superseded: list[Path] = ()) -> dict:
     """Writes <output_dir>/config.toml once every input has been checked (bad input writes nothing); on a resume
-    with changed keys, first appends the change to config_history.jsonl and says it in the log. Returns the
-    changes, {key: (old, new)}, for the W&B run's config."""
+    with changed keys, first appends the change to config_history.jsonl and says it in the log. Checkpoints a
+    [checkpoint] load_step went back from are moved to <output_dir>/superseded/<time>/ first, with the metrics
+    of that history: config.toml then records the load_step as applied. Returns the changes, {key: (old, new)},
+    for the W&B run's config."""
     changed = {} if saved is None else differences(saved, config, MAY_CHANGE - {"job.output_dir"})
     dist.barrier()
     failure = [None]
     if is_main:
         tmp = output_dir / f".{SAVED_CONFIG}.tmp"
-        path = output_dir / CONFIG_HISTORY
+        path = output_dir / SUPERSEDED
         try:
+            if superseded:
+                path = path / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                path.mkdir(parents=True)
+                for folder in superseded:
+                    os.replace(folder, path / folder.name)
+                if (output_dir / "metrics.jsonl").is_file():
+                    shutil.copy2(output_dir / "metrics.jsonl", path / "metrics.jsonl")
+                log.warning("checkpoint.load_step: resuming from step %d; the later checkpoints (%s) and the "
+                            "metrics as they were are kept in %s", step, ", ".join(f.name for f in superseded), path)
+            path = output_dir / CONFIG_HISTORY
             if changed:
                 entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "step": step,
                          "changed": {key: {"from": there, "to": now} for key, (there, now) in changed.items()}}
