@@ -27,6 +27,7 @@ from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
 from recipes.hold import RunHold
 from recipes.metrics import MetricsLogger, build_profiler, finished_line, peak_memory_gib, timed
+from recipes.trained import export
 
 log = logging.getLogger("train")
 
@@ -199,6 +200,9 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
                             else "checkpoint.enable=false, so nothing was saved")
                 return PREEMPTED_EXIT_CODE
         newest = checkpoint.complete_checkpoints(checkpoints)
+        if config.checkpoint.export_hf and dist_.is_main:
+            with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
+                export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
         log.info(metrics.summary(start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None,
                                  output_dir))
         return 0

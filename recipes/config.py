@@ -281,6 +281,8 @@ def validate(config: Config) -> None:
     _require(t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
              f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
              "tokens per step; lower it or training.seq_len")
+    _require(c.enable or not c.export_hf, "checkpoint.export_hf: exports the last checkpoint, but checkpoint.enable "
+                                          "is false; enable checkpoints or drop export_hf")
     _require(t.local_batch_size % t.grad_accum_steps == 0,
              f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
              f"{t.grad_accum_steps}; make it a multiple")

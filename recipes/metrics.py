@@ -111,10 +111,15 @@ class MetricsLogger:
         self.total_steps = config.training.steps
         self.local_tokens_per_step = config.training.local_batch_size * config.training.seq_len
         self.last_row, self.last_val_loss = None, None
-        self.wandb_run = None
+        self.wandb_run = self.tensorboard = None
         if not enabled:
             return
         self._truncate_after(resume_step)
+        if config.metrics.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's events replace what an earlier attempt logged after its checkpoint
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
         if config.metrics.wandb:
             self.wandb_run = start_wandb(config, output_dir)
         if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/outputs.py)
@@ -162,6 +167,11 @@ class MetricsLogger:
                 self.wandb_run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
             except Exception as error:
                 log.warning("wandb: logging failed (%s); metrics.jsonl continues", error)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
         self.last_row = row
         if row.get("val_loss") is not None:
             self.last_val_loss = row["val_loss"]
@@ -183,6 +193,9 @@ class MetricsLogger:
             next_commands(output_dir)])
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()

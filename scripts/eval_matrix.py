@@ -12,22 +12,20 @@ disagree beyond --tolerance, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data
+from recipes import data
 from recipes.cli import nonnegative_float, positive_int
-from recipes.config import Config, load_config, model_shape
+from recipes.config import Config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
-from recipes.outputs import SAVED_CONFIG
 from recipes.qwen3.attention import BACKENDS
-from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
+from recipes.trained import load_model, load_tokenizer, open_run
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the
@@ -35,29 +33,16 @@ MUTATION = "varlen (0.2.1 layout)"
 TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
 
 
-def run_inputs(run_dir: Path, step: int | None) -> tuple[Config, Path]:
-    """The run's resolved config and checkpoint folder; UserError naming the fix where one is missing."""
-    if not (run_dir / SAVED_CONFIG).is_file():
-        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
-    folder = checkpoint.find(run_dir / "checkpoints", step)
-    checkpoint.check_readable(folder)
-    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
-
-
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
-    cache_dir = data.default_cache_dir()
-    tokenizer = data.build_tokenizer(config.data, cache_dir)
+    tokenizer = load_tokenizer(config)
     loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
-                                   config.training.seed, cache_dir, heldout=True)
+                                   config.training.seed, data.default_cache_dir(), heldout=True)
     batches = [next(loader) for _ in range(args.batches)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # varlen's CUDA kernel needs 16-bit inputs
     columns = list(BACKENDS) + ([MUTATION] if args.mutation else [])
     losses = {}
     for column in columns:
-        attention = "varlen" if column == MUTATION else column
-        shape = model_shape(config, tokenizer.eos_id)
-        model = Qwen3Model(dataclasses.replace(shape, attention=attention, kernel="auto"))
-        checkpoint.load_model_weights(folder, model)
+        model = load_model(config, folder, tokenizer, attention="varlen" if column == MUTATION else column)
         if column == MUTATION:
             inject_varlen_layout_mistake(model)
         model.to(device=device, dtype=dtype).eval()
@@ -92,7 +77,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[device.type]
     try:
-        inputs = [(run, *run_inputs(run, args.step)) for run in args.runs]  # all checked before any evaluation
+        inputs = [(run, *open_run(run, args.step)) for run in args.runs]  # all checked before any evaluation
         rows = [evaluate_run(run, config, folder, args, device) for run, config, folder in inputs]
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

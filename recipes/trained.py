@@ -1,0 +1,89 @@
+"""A trained run read back for use in one process: its config and checkpoint (`open_run`), its model on any attention
+backend (`load_model`), and its Hugging Face export (`export`). scripts/eval_matrix.py, scripts/export_hf.py,
+scripts/generate.py and train.py's `[checkpoint] export_hf` all open runs through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from recipes import checkpoint, data
+from recipes.config import Config, expand_path, load_config, model_shape
+from recipes.errors import UserError
+from recipes.outputs import SAVED_CONFIG
+from recipes.qwen3.hf import save_hf_checkpoint
+from recipes.qwen3.model import Qwen3Model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def open_run(run_dir: Path, step: int | None) -> tuple[Config, Path]:
+    """The run's resolved config and the checkpoint of `step` (None: the newest), checked readable; a UserError
+    naming the fix where either is missing or damaged."""
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    folder = checkpoint.find(run_dir / "checkpoints", step)
+    checkpoint.check_readable(folder)
+    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
+
+
+def load_tokenizer(config: Config) -> data.Tokenizer:
+    return data.build_tokenizer(config.data, data.default_cache_dir())
+
+
+def load_model(config: Config, folder: Path, tokenizer: data.Tokenizer, attention: str | None = None) -> Qwen3Model:
+    """The checkpoint's weights in a whole (unsharded) model, on the run's attention backend or `attention`."""
+    shape = model_shape(config, tokenizer.eos_id)
+    if attention is not None and attention != shape.attention:
+        shape = dataclasses.replace(shape, attention=attention, kernel="auto")
+    model = Qwen3Model(shape)
+    checkpoint.load_model_weights(folder, model)
+    return model
+
+
+def export(run_dir: Path, step: int | None, dest: Path, dtype: torch.dtype, replace: bool = False) -> Path:
+    """Writes the checkpoint of `step` (None: the newest) as an HF Qwen3 folder at `dest`; returns the checkpoint.
+    `dest` must be new or empty unless `replace` (train.py's export at the end replaces its previous one)."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
+        raise UserError(f"DEST: {dest} already holds files; name a new or empty folder")
+    above = next(path for path in dest.parents if path.exists())
+    if not above.is_dir():
+        raise UserError(f"DEST: {above} is a file, so {dest} cannot be made under it; name another folder")
+    config, folder = open_run(run_dir, step)
+    tokenizer = load_tokenizer(config)
+    model = load_model(config, folder, tokenizer)
+    # Written beside DEST and renamed into place: a killed export leaves only a hidden .tmp folder, never a DEST
+    # that looks complete.
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_export(model.to(dtype), config, tokenizer, tmp)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; an export is for sharing
+        if dest.is_dir():
+            shutil.rmtree(dest)  # empty, or the previous export being replaced
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_export(model: Qwen3Model, config: Config, tokenizer: data.Tokenizer, dest: Path) -> None:
+    """config.json, model.safetensors and the run's tokenizer files into dest."""
+    save_hf_checkpoint(model, dest)
+    source = expand_path(config.data.tokenizer)
+    source = source.parent if source.is_file() else source
+    if config.data.tokenizer != "default" and source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, dest / name)
+    else:  # the default BPE, or a hub id (whose files were read through the hub cache)
+        (dest / "tokenizer.json").write_text(tokenizer.engine.to_str())
+        (dest / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1) + "\n")
