@@ -87,3 +87,27 @@ def write_export(model: Qwen3Model, config: Config, tokenizer: data.Tokenizer, d
         (dest / "tokenizer.json").write_text(tokenizer.engine.to_str())
         (dest / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1) + "\n")
+
+
+@torch.no_grad()
+def generate(model: Qwen3Model, tokenizer: data.Tokenizer, prompt: str, new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, generator: torch.Generator | None = None) -> str:
+    """The prompt's continuation: greedy at temperature 0, else sampled (from the top_k tokens when top_k > 0).
+    Stops at EOS. The whole window is recomputed per token (no KV cache): for looking at a model, not serving it."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode_batch([prompt])[0] or [tokenizer.eos_id]  # an empty prompt starts a new document
+    prompt_length = len(ids)
+    for _ in range(new_tokens):
+        window = torch.tensor([ids[-model.config.max_seq_len:]], device=device)
+        logits = model(window)[0, -1].float()  # one row, one document
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            if top_k:
+                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -float("inf")
+            probabilities = (logits / temperature).softmax(-1)
+            token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+    return tokenizer.engine.decode(ids[prompt_length:])
