@@ -105,7 +105,8 @@ def main(argv: list[str]) -> int:
                 return 0
             return train(config, dist_, output_dir, saved, resume, preemption)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, preemption: PreemptionFlag) -> int:
@@ -200,9 +201,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
                             else "checkpoint.enable=false, so nothing was saved")
                 return PREEMPTED_EXIT_CODE
         newest = checkpoint.complete_checkpoints(checkpoints)
-        if config.checkpoint.export_hf and dist_.is_main:
-            with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
-                export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
+        if config.checkpoint.export_hf:
+            torch.distributed.destroy_process_group()  # the export reads the whole checkpoint in rank 0 alone
+            if dist_.is_main:
+                with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
+                    export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
         log.info(metrics.summary(start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None,
                                  output_dir))
         return 0
