@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, optim, outputs, parallel, startup
+from recipes import build, checkpoint, optim, parallel, startup
 from recipes.config import config_help, expand_path, load_config, to_toml
-from recipes.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, OutputWriteError, UserError
+from recipes.errors import PREEMPTED_EXIT_CODE, NonFiniteError, RecipeError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
-from recipes.hold import RunHold
 from recipes.metrics import MetricsLogger, build_profiler, finished_line, peak_memory_gib, timed
+from recipes.qwen3.loss import mean_loss
+from recipes.run import outputs
+from recipes.run.hold import RunHold
 from recipes.trained import export
 
 log = logging.getLogger("train")
@@ -39,10 +42,6 @@ LIST[STR] comma-separated. Example:
 Every key is explained in docs/config.md.
 
 """
-
-
-class NonFiniteError(RuntimeError):
-    exit_code = NONFINITE_EXIT_CODE
 
 
 class PreemptionFlag:
@@ -117,9 +116,8 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
     parallel.set_deterministic(t.deterministic)
 
     tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
-
     with timed("model: building"):
-        model = parallel.build_model(shape, t, config.model.init_from, device)
+        model = build.build_model(shape, t, config.model.init_from, device)
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
              config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
              tokenizer.name, dist_.world_size, device.type)
@@ -137,7 +135,6 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
-    micro_rows = t.local_batch_size // t.grad_accum_steps
     log.info("training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1,
              t.steps)
     train_start = time.perf_counter()
@@ -146,54 +143,26 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
         for step in range(start_step + 1, t.steps + 1):
             batch = next(loader)
             throughput.add(batch)
-            loss_sum = torch.zeros((), device=device)
-            micro_batches = batch.split(micro_rows)
-            for micro, mb in enumerate(micro_batches):
-                model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
-                meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
-                # the step's loss is the mean over every label the loss counts, on every rank and micro-batch
-                loss = model(mb.inputs.to(device), meta, mb.labels.to(device)) * (dist_.world_size / mb.global_labels)
-                loss.backward()  # FSDP averages gradients over ranks: scaled by world size, they sum to the mean's
-                loss_sum += loss.detach()
-            grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
-
-            # One host sync per step: mean loss over ranks, grad norm, and whether any rank was signalled.
-            loss_value, grad_norm_value, preempted = parallel.step_stats(loss_sum, grad_norm,
-                                                                          preemption.signal_name is not None)
-            if not torch.isfinite(torch.tensor([loss_value, grad_norm_value])).all():
-                message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
-                if not t.skip_nonfinite:
-                    raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
-                                                   "training.skip_nonfinite=true to skip such steps")
-                log.warning("%s: step skipped (training.skip_nonfinite)", message)
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, preempted = train_step(model, batch, optimizer, scheduler, step, t, device, preemption)
             if step == start_step + 1:
                 log.info("first step: done in %.1f s", time.perf_counter() - train_start)
-            scheduler.step()
             if profiler is not None:
                 profiler.step()
 
-            evaluate = config.eval.interval and (step % config.eval.interval == 0 or step == t.steps)
-            if step % config.metrics.log_every == 0 or step == t.steps or preempted or evaluate:
-                row = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm_value,
-                    **throughput.rates(peak),
-                    "peak_memory_gib": peak_memory_gib(device),
-                    "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
-                    "elapsed_s": time.perf_counter() - train_start,
-                }
+            last = step == t.steps
+            evaluate = config.eval.interval and (step % config.eval.interval == 0 or last)
+            if step % config.metrics.log_every == 0 or last or preempted or evaluate:
+                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       **throughput.rates(peak), "peak_memory_gib": peak_memory_gib(device),
+                       "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
+                       "elapsed_s": time.perf_counter() - train_start}
                 if evaluate:
-                    row["val_loss"] = validation_loss(model, heldout, device, micro_rows)
+                    row["val_loss"] = validation_loss(model, heldout, device, t.local_batch_size // t.grad_accum_steps)
                     throughput.reset()  # the evaluation's time belongs to no training step
                 metrics.log(row)
 
             interval = config.checkpoint.interval
-            if config.checkpoint.enable and ((interval and step % interval == 0) or step == t.steps or preempted):
+            if config.checkpoint.enable and ((interval and step % interval == 0) or last or preempted):
                 checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
             if preempted:
                 log.warning("preempted (%s) at step %d: %s", preemption.signal_name or "signal on another rank", step,
@@ -215,10 +184,40 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
         metrics.close()
 
 
+def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device,
+               preemption: PreemptionFlag) -> tuple[float, float, bool]:
+    """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
+    (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
+    finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, and
+    whether any rank was asked to stop; one host sync for the three."""
+    loss_sum = torch.zeros((), device=device)
+    micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
+    for micro, mb in enumerate(micro_batches):
+        model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
+        meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
+        loss = mean_loss(model(mb.inputs.to(device), meta, mb.labels.to(device)), mb.global_labels)
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
+    loss_value, grad_norm_value, preempted = parallel.step_stats(loss_sum, grad_norm,
+                                                                  preemption.signal_name is not None)
+    if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
+        message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
+        if not t.skip_nonfinite:
+            raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
+                                           "training.skip_nonfinite=true to skip such steps")
+        log.warning("%s: step skipped (training.skip_nonfinite)", message)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss_value, grad_norm_value, preempted
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (UserError, NonFiniteError, OutputWriteError) as error:  # each carries its exit code
+    except RecipeError as error:  # each carries its exit code
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

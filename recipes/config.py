@@ -1,8 +1,8 @@
 """TOML config -> typed dataclasses, with `--section.key value` overrides and validation.
 
 Every mistake a user can fix raises UserError with one line naming the field and the fix; train.py prints
-it and exits with code 2. docs/config.md documents every key. `model_shape` decides the model's shape (flavor or
-HF checkpoint) and `check_fits` whether it fits the data: train.py and the scripts call these, nothing else.
+it and exits with code 2. docs/config.md documents every key. Configuration only: the model's shape and whether it
+fits the data are decided in recipes/build.py.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ _MAX_SEED = 2**63 - 1
 
 def validate(config: Config) -> None:
     """Checks that need no files or processes; data, tokenizer and world size are checked where they are built,
-    and whether the model fits the data by `check_fits`."""
+    and whether the model fits the data by `build.check_fits`."""
     from recipes.qwen3.attention import BACKENDS, KERNELS, MASKS
     from recipes.qwen3.model import FLAVORS
 
@@ -315,29 +315,6 @@ def validate(config: Config) -> None:
 
 # What POSIX file systems allow in one path component (NAME_MAX), in bytes.
 _NAME_MAX = 255
-
-
-def model_shape(config: Config, eos_id: int):
-    """The one place that decides the model's shape: the flavor's, or with model.init_from the HF checkpoint's
-    config.json. Returns a Qwen3Config with the run's attention backend, mask and kernel."""
-    from recipes.qwen3.hf import read_hf_config
-    from recipes.qwen3.model import flavor_config
-
-    m = config.model
-    overrides = dict(attention=m.attention, mask=m.mask, kernel=m.kernel, eos_id=eos_id)
-    if m.init_from:
-        return read_hf_config(expand_path(m.init_from), **overrides)
-    return flavor_config(m.flavor, **overrides)
-
-
-def check_fits(shape, seq_len: int, tokenizer) -> None:
-    """Does the model fit the data: rows no longer than the model's positions, token ids inside its vocabulary."""
-    _require(seq_len <= shape.max_seq_len,
-             f"training.seq_len: {seq_len} exceeds the model's max_seq_len {shape.max_seq_len}; lower it")
-    _require(tokenizer.vocab_size <= shape.vocab_size,
-             f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
-             f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
-             "(data.vocab_size for the default one)")
 
 
 def expand_path(path: str, where: str = "path") -> Path:

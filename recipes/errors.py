@@ -1,7 +1,9 @@
-"""The one user-error type and the exit codes, shared by train.py, the scripts and the tests.
+"""The error types a run can stop with, each carrying its exit code; shared by train.py, the scripts and the tests.
 
 A `UserError` is a problem the user can fix (a config value, an input file, a folder): its message is one line
 naming the field or file and the fix, and the program exits with USER_ERROR_EXIT_CODE without a traceback.
+train.py catches `RecipeError` once, prints its one line and exits with its code. Preemption (75) is no error: the
+run saved a checkpoint and returns the code. docs/troubleshooting.md has the table of exit codes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ IO_ERROR_EXIT_CODE = 74  # EX_IOERR: an output could not be written (full or fai
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a signal asked to stop, a checkpoint was saved; run again to continue
 
 
-class UserError(ValueError):
+class RecipeError(Exception):
+    """An error that ends a run with one line and `exit_code`, without a traceback."""
+
+    exit_code = 1
+
+
+class UserError(RecipeError, ValueError):
     """A user-fixable problem with the configuration or the run's inputs (exit code 2)."""
 
     exit_code = USER_ERROR_EXIT_CODE
 
 
-class OutputWriteError(RuntimeError):
+class NonFiniteError(RecipeError, RuntimeError):
+    """A step's loss or grad norm was not finite (exit code 3); the last good checkpoint is kept."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+class OutputWriteError(RecipeError, RuntimeError):
     """An output (a checkpoint, the hold, config.toml, config_history.jsonl, metrics.jsonl) could not be written: a
     full or failing disk (exit code 74). What was written before is intact; freeing space and rerunning continues."""
 

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.data import Batch
+from recipes.qwen3.loss import mean_loss
 
 
 @torch.no_grad()
@@ -19,4 +20,4 @@ def validation_loss(model, batches: list[Batch], device: torch.device, micro_row
             loss += model(micro.inputs.to(device), meta, micro.labels.to(device)).double()
     if dist.is_initialized():
         dist.all_reduce(loss)
-    return loss.item() / sum(batch.global_labels for batch in batches)
+    return mean_loss(loss, sum(batch.global_labels for batch in batches)).item()

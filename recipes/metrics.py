@@ -122,7 +122,7 @@ class MetricsLogger:
             self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
         if config.metrics.wandb:
             self.wandb_run = start_wandb(config, output_dir)
-        if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/outputs.py)
+        if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/run/outputs.py)
             self.wandb_run.config.update(to_dict(config), allow_val_change=True)
 
     def _truncate_after(self, step: int) -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data, outputs, parallel
-from recipes.config import Config, check_fits, model_shape, to_toml
-from recipes.hold import HOLD_FILE, is_hold_file
+from recipes import checkpoint, data, parallel
+from recipes.build import check_fits, model_shape
+from recipes.config import Config, to_toml
 from recipes.metrics import corpus_line, human_count, timed
+from recipes.run import outputs
+from recipes.run.hold import HOLD_FILE, is_hold_file
 
 log = logging.getLogger(__name__)
 

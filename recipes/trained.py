@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from recipes import checkpoint, data
-from recipes.config import Config, expand_path, load_config, model_shape
+from recipes.build import model_shape
+from recipes.config import Config, expand_path, load_config
 from recipes.errors import UserError
-from recipes.outputs import SAVED_CONFIG
+from recipes.run.outputs import SAVED_CONFIG
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # the object API needs no pyplot backend, 
 
 from recipes.cli import nonnegative_float, nonnegative_int, positive_int
 from recipes.errors import UserError
-from recipes.runs import WANDB_API_PREFIX, Run, load_run
+from recipes.run.runs import WANDB_API_PREFIX, Run, load_run
 
 # 1.5 × the noise floor measured on 2×H100 (docs/results/gpu-proof): two varlen runs of configs/qwen3_varlen.toml,
 # same seed and data, differing only in kernel non-determinism, had max |Δloss| 0.235 and mean 0.0205 over 400 steps.

@@ -1,5 +1,5 @@
 # Registers attention-backend flavors of torchtitan 0.2.2's Qwen3 (loaded with --experimental.custom_import):
-# "<flavor>_<backend>_<mask>", e.g. 0.6B_varlen_block_causal, for scripts/benchmark.py's baseline runs.
+# "<flavor>_<backend>_<mask>", e.g. 0.6B_varlen_block_causal, for benchmarks/benchmark.py's baseline runs.
 import dataclasses
 
 from torchtitan.models.qwen3 import qwen3_args

@@ -18,7 +18,6 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from recipes.qwen3.attention import build_backend
 from recipes.qwen3.loss import linear_cross_entropy
 
-IGNORE_INDEX = -100  # a label the loss skips (F.cross_entropy's default)
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ class Qwen3Model(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)
-        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(), IGNORE_INDEX)
+        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

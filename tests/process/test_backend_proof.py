@@ -18,7 +18,7 @@ from matplotlib.image import imread
 
 from recipes.config import load_config
 from recipes.errors import USER_ERROR_EXIT_CODE
-from recipes.runs import load_run, read_metrics
+from recipes.run.runs import load_run, read_metrics
 from train_process import REPO, finish
 
 compare_main = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))["main"]

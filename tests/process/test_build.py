@@ -1,4 +1,4 @@
-"""parallel.build_model: built on the meta device, sharded, then materialised and initialised shard by shard, in
+"""build.build_model: built on the meta device, sharded, then materialised and initialised shard by shard, in
 real gloo process groups of 1 and 2 processes (CPU). The weights must not depend on the world size, and must equal
 the plain unsharded initialisation bit for bit; HF weights load into the shards; the 32B flavor builds without
 memory."""
@@ -18,8 +18,9 @@ import torch.multiprocessing as mp
 import transformers
 from torch.distributed.tensor import DTensor
 
-from recipes import parallel
-from recipes.config import TrainingConfig, load_config, model_shape
+from recipes import build
+from recipes.build import model_shape
+from recipes.config import TrainingConfig, load_config
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config, rope_cache
 
@@ -41,7 +42,7 @@ def _full_state(model) -> dict[str, torch.Tensor]:
 def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str) -> None:
     _join(rank, world, store)
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
-    model = parallel.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
+    model = build.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
                                  torch.device("cpu"))
     state = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in _full_state(model).items()}
     facts = {"state": state, "rope": model.rope.clone(), "tied": model.output.weight is model.tok_embeddings.weight,
@@ -106,7 +107,7 @@ def _build_32b(rank: int, world: int, store: str, out: str) -> None:
     shape = model_shape(load_config(None, ["--model.flavor", "32B"]), eos_id=0)
     with torch.device("meta"):
         model = Qwen3Model(shape)
-    parallel.apply_fsdp(model, torch.bfloat16, torch.device("cpu"))
+    build.apply_fsdp(model, torch.bfloat16)
     local = sum(p.to_local().numel() for p in model.parameters())
     if rank == 0:
         peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -12,7 +12,8 @@ import torch
 import transformers
 
 from recipes import checkpoint
-from recipes.config import load_config, model_shape
+from recipes.build import model_shape
+from recipes.config import load_config
 from recipes.data import build_tokenizer
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.qwen3.model import Qwen3Model, flavor_config

@@ -1,4 +1,4 @@
-"""The output folder's hold (recipes/hold.py), with real processes and real files: holders are `python -c`
+"""The output folder's hold (recipes/run/hold.py), with real processes and real files: holders are `python -c`
 processes that take the hold and wait (killed with SIGKILL to leave a dead one behind), a holder on another host
 is a hold file written by hand with an old mtime set by os.utime, a reused pid is a live unrelated process."""
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import UserError
-from recipes.hold import HOLD_FILE, STALE_AFTER_S, RunHold
+from recipes.run.hold import HOLD_FILE, STALE_AFTER_S, RunHold
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -31,7 +31,7 @@ TAKER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from recipes.errors import UserError
-    from recipes.hold import RunHold
+    from recipes.run.hold import RunHold
     go = sys.argv[2]
     print("ready", flush=True)
     while go and not os.path.exists(go):
@@ -82,7 +82,7 @@ def hold_record(folder: Path) -> dict:
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "recipes.hold" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "recipes.run.hold" and r.levelno >= logging.WARNING]
 
 
 def other_host_hold(folder: Path, age_s: float) -> dict:
@@ -286,7 +286,7 @@ def test_a_path_through_a_file_is_refused_like_check_output_dir(tmp_path):
 
 def test_check_output_dir_accepts_a_folder_a_killed_run_created(tmp_path):
     from recipes.config import load_config
-    from recipes.outputs import check_output_dir
+    from recipes.run.outputs import check_output_dir
 
     config = load_config(str(REPO / "configs" / "qwen3_debug.toml"))
     folder = tmp_path / "new" / "run"
@@ -304,7 +304,7 @@ FOR_RUN = textwrap.dedent("""
     from pathlib import Path
     import torch.distributed as dist
     from recipes.errors import UserError
-    from recipes.hold import RunHold
+    from recipes.run.hold import RunHold
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     with open(f"{sys.argv[1]}.rank{rank}", "w") as report:  # one file per rank: their stdout lines interleave

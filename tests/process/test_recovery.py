@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
-from recipes.outputs import CONFIG_HISTORY
+from recipes.run.outputs import CONFIG_HISTORY
 from train_process import DEBUG_CONFIG, finish, launch
 
 STEPS = 12

@@ -31,7 +31,7 @@ from recipes.checkpoint import MANIFEST, complete_checkpoints, load_model_weight
 from recipes.errors import NONFINITE_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
-from recipes.runs import read_wandb_offline
+from recipes.run.runs import read_wandb_offline
 from train_process import DEBUG_CONFIG, finish, launch, worker_pids
 
 STEPS = 16

@@ -17,8 +17,8 @@ import pytest
 
 from recipes.config import load_config, to_toml
 from recipes.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
-from recipes.outputs import check_output_dir
-from recipes.runs import read_metrics, read_wandb_offline
+from recipes.run.outputs import check_output_dir
+from recipes.run.runs import read_metrics, read_wandb_offline
 from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 STEPS = 20
@@ -168,7 +168,7 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
 
 
 def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
-    """recipes.outputs.check_output_dir on the folders written above (train.py calls it before writing anything)."""
+    """recipes.run.outputs.check_output_dir on the folders written above (train.py calls it before writing anything)."""
     sdpa = load_config(str(runs["sdpa"] / "config.toml"))
     assert check_output_dir(runs["sdpa"], sdpa) == sdpa
     assert check_output_dir(runs["flex"], sdpa).model.attention == "flex"  # the backend may change on resume

@@ -1,4 +1,4 @@
-"""A real offline W&B run, written in a subprocess, reads back through recipes.runs exactly as it was logged."""
+"""A real offline W&B run, written in a subprocess, reads back through recipes.run.runs exactly as it was logged."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
-from recipes.runs import load_run, read_wandb_api, read_wandb_offline
+from recipes.run.runs import load_run, read_wandb_api, read_wandb_offline
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
 compare_main = runpy.run_path(str(SCRIPT))["main"]

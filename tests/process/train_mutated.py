@@ -14,10 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: find train.py and recipes/
 
 import train  # noqa: E402
-from recipes import parallel  # noqa: E402
+from recipes import build  # noqa: E402
 from recipes.qwen3.mutation import inject_varlen_layout_mistake  # noqa: E402
 
-build_correct_model = parallel.build_model
+build_correct_model = build.build_model
 
 
 def build_mutated_model(*args, **kwargs):
@@ -25,5 +25,5 @@ def build_mutated_model(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    parallel.build_model = build_mutated_model  # train.py looks the builder up at call time
+    build.build_model = build_mutated_model  # train.py looks the builder up at call time
     sys.exit(train.main(sys.argv[1:]))

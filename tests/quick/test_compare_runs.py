@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py and recipes.runs.read_metrics on run dirs written here, as train.py lays them out."""
+"""scripts/compare_runs.py and recipes.run.runs.read_metrics on run dirs written here, as train.py lays them out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
-from recipes.runs import load_run, read_metrics
+from recipes.run.runs import load_run, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
 compare_main = runpy.run_path(str(SCRIPT))["main"]

@@ -11,7 +11,7 @@ import pytest
 
 from recipes.config import Config, keys_help, load_config, parse_overrides, to_toml
 from recipes.errors import UserError
-from recipes.outputs import DEFINES_RUN, MAY_CHANGE, config_keys
+from recipes.run.outputs import DEFINES_RUN, MAY_CHANGE, config_keys
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -207,7 +207,7 @@ def test_every_config_key_is_classified_for_resume_exactly_once():
     """A new key must be put in DEFINES_RUN (must match to resume) or MAY_CHANGE (recorded when it changes)."""
     keys = set(config_keys(Config()))
     assert not DEFINES_RUN & MAY_CHANGE, DEFINES_RUN & MAY_CHANGE
-    assert keys - (DEFINES_RUN | MAY_CHANGE) == set(), "classify these in recipes/outputs.py"
+    assert keys - (DEFINES_RUN | MAY_CHANGE) == set(), "classify these in recipes/run/outputs.py"
     assert (DEFINES_RUN | MAY_CHANGE) - keys == set(), "these are no config keys any more"
 
 

@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import DataConfig, check_fits, load_config, model_shape
-from recipes.data import (DEFAULT_EOS, PackedLoader, build_dataloader, build_tokenizer, is_heldout,
-                          _write_cached, stdlib_documents, train_default_tokenizer)
+from recipes.build import check_fits, model_shape
+from recipes.config import DataConfig, load_config
+from recipes.data import build_dataloader, build_tokenizer
+from recipes.data.cache import write_cached
+from recipes.data.loader import PackedLoader
+from recipes.data.sources import is_heldout, stdlib_documents
+from recipes.data.tokenizer import DEFAULT_EOS, train_default_tokenizer
 from recipes.errors import UserError
-from recipes.qwen3.model import IGNORE_INDEX
+from recipes.qwen3.loss import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +81,7 @@ def test_default_tokenizer_is_deterministic_and_cached(cache_dir, tokenizer, tmp
     other_dir = tmp_path / "cache"
     other_dir.mkdir()
     small = train_default_tokenizer(["a tiny corpus, a tiny corpus"], 300)
-    _write_cached(other_dir / cache_file.name, lambda handle: handle.write(small.to_str().encode()))
+    write_cached(other_dir / cache_file.name, lambda handle: handle.write(small.to_str().encode()))
     start = time.perf_counter()
     assert build_tokenizer(DataConfig(), other_dir).vocab_size == small.get_vocab_size() < 2048
     assert time.perf_counter() - start < 2.0
@@ -361,7 +365,7 @@ def test_a_damaged_cache_file_is_named_and_rebuilt(jsonl, tokenizer, tmp_path, c
     for damage in (lambda data: data[:-8], lambda data: data[:-8] + bytes(8)):  # truncated, then overwritten
         tokens_file.write_bytes(damage(tokens_file.read_bytes()))
         caplog.clear()
-        with caplog.at_level("WARNING", logger="recipes.data"):
+        with caplog.at_level("WARNING", logger="recipes.data.cache"):
             again = batches(loader(jsonl, tokenizer, cache), 3)
         assert f"cache: {tokens_file} is damaged" in caplog.text
         assert all(torch.equal(a, b) for a, b in zip(again, expected))

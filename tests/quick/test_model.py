@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from recipes.qwen3.attention import BACKENDS, MASKS, build_backend
-from recipes.qwen3.model import IGNORE_INDEX, Qwen3Config, Qwen3Model, apply_rope, flavor_config, rope_cache
+from recipes.qwen3.loss import IGNORE_INDEX
+from recipes.qwen3.model import Qwen3Config, Qwen3Model, apply_rope, flavor_config, rope_cache
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
 
 SEQ = 48
@@ -157,7 +158,7 @@ def _rope_at(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor) -> t
 def test_activation_checkpointing_modes_give_the_same_loss_and_gradients(packed_starts):
     """none, full and selective (torchtitan's per-op SAC with every backend's attention op on its save list)
     recompute the same function: the same loss and gradients in fp32 (≤ 1e-6)."""
-    from recipes.parallel import apply_activation_checkpointing
+    from recipes.build import apply_activation_checkpointing
 
     starts = packed_starts(SEQ)
     results = {}

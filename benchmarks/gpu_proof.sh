@@ -2,7 +2,7 @@
 # The GPU proof in one go (docs/results.md): real-kernel tests, the three backend runs plus a repeat of varlen
 # (the noise floor), the comparison, and the evaluation matrix with the mutation column. Writes everything to
 # DEST (default $OUT or /tmp/proof) and a tarball of it beside.
-#   bash scripts/gpu_proof.sh [DEST]
+#   bash benchmarks/gpu_proof.sh [DEST]
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 dest=${1:-${OUT:-/tmp/proof}}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The 1×H200 measurements in docs/results.md, on a machine that has the GPU image's python3 (torch 2.11):
-# GPU tests (FA4 against float64 and FA2), the fused loss against the plain one, scripts/benchmark.py beside
+# GPU tests (FA4 against float64 and FA2), the fused loss against the plain one, benchmarks/benchmark.py beside
 # torchtitan 0.2.2's Trainer, the largest batch at 8192, a profile, and the flavors × activation-checkpointing
 # memory table. Results go to DEST (default $OUT).
-#   bash scripts/gpu_h200.sh WHEELS_DIR QWEN3_TOKENIZER_DIR PART [DEST]
+#   bash benchmarks/gpu_h200.sh WHEELS_DIR QWEN3_TOKENIZER_DIR PART [DEST]
 # WHEELS_DIR: wheels the image lacks (../shared/gpu-wheels/download.sh, cut-cross-entropy); FA4 must already be
 # importable (source .fa4/b/install.sh first). QWEN3_TOKENIZER_DIR: benchmarks/prepare_qwen3_tokenizer.sh's
 # folder (tokenizer.json may be xz'ed). PART: tests | speed | memory | all.
@@ -20,7 +20,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 [ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
   && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$dest/machine.txt"
-bench() { python3 scripts/benchmark.py --tokenizer "$tokenizer" --nproc 1 --case-timeout 120 "$@"; }
+bench() { python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --case-timeout 120 "$@"; }
 
 if [ "$part" = tests ] || [ "$part" = all ]; then
   GPU_RESULTS_DIR="$dest" python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tail -12

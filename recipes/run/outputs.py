@@ -9,7 +9,7 @@ Every config key is in exactly one of two sets (a test checks that a new key is 
   and steps (upward: fewer steps than the checkpoint's is refused). A change is recorded in
   <output_dir>/config_history.jsonl, one line in the log, and the W&B run's config.
 What the checkpoint itself must match (the data stream's content, the global batch of rows) is checked against the
-checkpoint when it loads (recipes.data.PackedLoader.load_state_dict): that is about files and world size, not
+checkpoint when it loads (recipes.data.loader.PackedLoader.load_state_dict): that is about files and world size, not
 config keys.
 """
 

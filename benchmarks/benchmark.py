@@ -4,8 +4,8 @@ Each case is a real `torchrun train.py` run (FSDP over the node's GPUs, packed d
 corpus) read back from its metrics.jsonl; the torchtitan baseline runs `torchrun -m torchtitan.train` on the same
 model shape, documents, tokenizer and batch. Run on the GPU machine:
 
-    python scripts/benchmark.py --tokenizer /path/to/qwen3-tokenizer --out results/   # table on stdout
-    python scripts/benchmark.py --cases varlen-document-8192-compile-fa4 varlen-document-8192-compile-fa4-b8 \
+    python benchmarks/benchmark.py --tokenizer /path/to/qwen3-tokenizer --out results/   # table on stdout
+    python benchmarks/benchmark.py --cases varlen-document-8192-compile-fa4 varlen-document-8192-compile-fa4-b8 \
         --torchtitan none --nproc 1
 
 A case is BACKEND-MASK-SEQ-MODE[-OPTION...]: MODE is compile or eager; options are a varlen kernel (torch, fa4),
@@ -105,7 +105,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
 
 def torchtitan_setup(args, work: Path) -> Path:
     """torchtitan reads documents as a jsonl folder and the tokenizer from hf_assets_path."""
-    from recipes.data import stdlib_documents
+    from recipes.data.sources import stdlib_documents
 
     corpus = work / "tt_corpus"
     corpus.mkdir(parents=True, exist_ok=True)
