@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from recipes.errors import USER_ERROR_EXIT_CODE
-from recipes.runs import read_metrics
+from recipes.run.runs import read_metrics
 from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 STEPS = 6
