@@ -117,7 +117,8 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
 
     tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
     with timed("model: building"):
-        model = build.build_model(shape, t, config.model.init_from, device)
+        model = build.build_model(shape, t, config.model.init_from, device,
+                                  parallel.device_mesh(config.parallel.replicate, device))
     log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
              config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
              tokenizer.name, dist_.world_size, device.type)

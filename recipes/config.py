@@ -57,6 +57,12 @@ class TrainingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    replicate: int = key(1, "HSDP replicas (FSDP shards within each, gradients all-reduced across them); 1 = plain "
+                            "FSDP; 0 = one replica per node")
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = key(3e-4, "peak learning rate of AdamW")
     weight_decay: float = key(0.1, "AdamW's decoupled weight decay")
@@ -119,6 +125,7 @@ class MetricsConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -274,7 +281,8 @@ def validate(config: Config) -> None:
                               ("metrics.log_every", x.log_every, 1), ("checkpoint.keep", c.keep, 1),
                               ("checkpoint.interval", c.interval, 0), ("data.vocab_size", config.data.vocab_size, 1),
                               ("eval.interval", e.interval, 0), ("eval.batches", e.batches, 1),
-                              ("checkpoint.load_step", c.load_step, 0)]:
+                              ("checkpoint.load_step", c.load_step, 0),
+                              ("parallel.replicate", config.parallel.replicate, 0)]:
         high = _MAX_SEED if where == "training.seed" else _MAX_COUNT
         _require(value >= low, f"{where}: must be {'> 0' if low else '>= 0'}, got {value}")
         _require(value <= high, f"{where}: must be at most {high}, got {value}")

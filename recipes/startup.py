@@ -57,6 +57,7 @@ def dry_run(config: Config, dist_: parallel.Distributed, output_dir: Path) -> in
     if folder is not None:
         checkpoint.check_readable(folder, config.training.steps)
     tokenizer, _, _, shape = inputs(config, dist_)
+    parallel.device_mesh(config.parallel.replicate, dist_.device)  # replicas that do not divide the world: refused
     with torch.device("meta"):  # the shape's parameter count, without memory
         parameters = Qwen3Model(shape).num_params()
     if folder is None:
@@ -73,7 +74,7 @@ def dry_run(config: Config, dist_: parallel.Distributed, output_dir: Path) -> in
         plan += "".join(f"\n  would change {key}: {there!r} -> {now!r}" for key, (there, now) in changed.items())
     t = config.training
     log.info("resolved config:\n%s", to_toml(config))
-    log.info("dry run: every check passed (config, output folder, checkpoint, tokenizer, data, model shape); "
+    log.info("dry run: every check passed (config, output folder, checkpoint, tokenizer, data, model shape, mesh); "
              "nothing was written to %s\n  would do: %s\n  model: %s, %s parameters, attention=%s mask=%s; "
              "tokenizer %s\n  global batch: %d rows x %d tokens (world size %d on %s)%s", output_dir, plan,
              config.run_name, human_count(parameters), shape.attention, shape.mask, tokenizer.name,

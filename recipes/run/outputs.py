@@ -42,6 +42,7 @@ MAY_CHANGE = frozenset({
     "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
     "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
     "data.mask_boundary_loss",
+    "parallel.replicate",
     "eval.interval", "eval.batches",
     "checkpoint.enable", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep", "checkpoint.load_step",
     "checkpoint.export_hf",
