@@ -30,9 +30,10 @@ from recipes.metrics import MetricsLogger, build_profiler, finished_line, peak_m
 from recipes.qwen3.loss import mean_loss
 from recipes.run import outputs
 from recipes.run.hold import RunHold
-from recipes.trained import export
+from recipes.trained import export, generate
 
 log = logging.getLogger("train")
+SAMPLE_TOKENS = 32  # the length of an [eval] sample_every continuation
 
 OVERRIDES_HELP = """\
 Any key below can be set on the command line, after the file, as --section.key VALUE or --section.key=VALUE
@@ -152,7 +153,8 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
 
             last = step == t.steps
             evaluate = config.eval.interval and (step % config.eval.interval == 0 or last)
-            if step % config.metrics.log_every == 0 or last or preempted or evaluate:
+            sample = config.eval.sample_every and step % config.eval.sample_every == 0
+            if step % config.metrics.log_every == 0 or last or preempted or evaluate or sample:
                 row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        **throughput.rates(peak), "peak_memory_gib": peak_memory_gib(device),
                        "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
@@ -160,6 +162,9 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
                 if evaluate:
                     row["val_loss"] = validation_loss(model, heldout, device, t.local_batch_size // t.grad_accum_steps)
                     throughput.reset()  # the evaluation's time belongs to no training step
+                if sample:  # every rank runs the sharded model on the same tokens: the same greedy text
+                    row["sample"] = generate(model, tokenizer, config.eval.sample_prompt, SAMPLE_TOKENS)
+                    throughput.reset()
                 metrics.log(row)
 
             interval = config.checkpoint.interval

@@ -90,6 +90,8 @@ class DataConfig:
 class EvalConfig:
     interval: int = key(0, "steps between validation losses on the held-out documents (and the last step); 0 = never")
     batches: int = key(4, "global batches of held-out rows per validation (the same rows every time)")
+    sample_every: int = key(0, "steps between greedy samples of sample_prompt (log, metrics.jsonl, W&B); 0 = never")
+    sample_prompt: str = key("def ", "the prompt the samples continue")
 
 
 @dataclass
@@ -281,7 +283,7 @@ def validate(config: Config) -> None:
                               ("metrics.log_every", x.log_every, 1), ("checkpoint.keep", c.keep, 1),
                               ("checkpoint.interval", c.interval, 0), ("data.vocab_size", config.data.vocab_size, 1),
                               ("eval.interval", e.interval, 0), ("eval.batches", e.batches, 1),
-                              ("checkpoint.load_step", c.load_step, 0),
+                              ("checkpoint.load_step", c.load_step, 0), ("eval.sample_every", e.sample_every, 0),
                               ("parallel.replicate", config.parallel.replicate, 0)]:
         high = _MAX_SEED if where == "training.seed" else _MAX_COUNT
         _require(value >= low, f"{where}: must be {'> 0' if low else '>= 0'}, got {value}")

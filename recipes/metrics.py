@@ -169,7 +169,9 @@ class MetricsLogger:
                 log.warning("wandb: logging failed (%s); metrics.jsonl continues", error)
         if self.tensorboard is not None:
             for key, value in row.items():
-                if key != "step" and value is not None:
+                if isinstance(value, str):
+                    self.tensorboard.add_text(key, value, row["step"])
+                elif key != "step" and value is not None:
                     self.tensorboard.add_scalar(key, value, row["step"])
             self.tensorboard.flush()
         self.last_row = row
@@ -178,6 +180,8 @@ class MetricsLogger:
         rate = row["tokens_per_sec_per_gpu"]
         seconds_per_step = self.local_tokens_per_step / rate if rate > 0 else None
         log.info(console_line(row, self.total_steps, seconds_per_step, self.on_cpu))
+        if row.get("sample") is not None:
+            log.info("sample at step %d: %r", row["step"], row["sample"])
 
     def summary(self, first_step: int, last_step: int, seconds: float, newest: Path | None, output_dir: Path) -> str:
         """The end of a run in a few lines: what was trained, how fast, where it ended, what to run next."""

@@ -43,7 +43,7 @@ MAY_CHANGE = frozenset({
     "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
     "data.mask_boundary_loss",
     "parallel.replicate",
-    "eval.interval", "eval.batches",
+    "eval.interval", "eval.batches", "eval.sample_every", "eval.sample_prompt",
     "checkpoint.enable", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep", "checkpoint.load_step",
     "checkpoint.export_hf",
     "job.output_dir", "job.name", "job.print_config",

@@ -25,7 +25,8 @@ STEPS = 6
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "32",
        "--training.local_batch_size", "2", "--optimizer.warmup_steps", "10", "--metrics.log_every", "2",
        "--checkpoint.interval", "2", "--checkpoint.keep", "5", "--eval.interval", "3", "--eval.batches", "1",
-       "--metrics.wandb", "true", "--metrics.tensorboard", "true", "--checkpoint.export_hf", "true"]
+       "--metrics.wandb", "true", "--metrics.tensorboard", "true", "--checkpoint.export_hf", "true",
+       "--eval.sample_every", "3", "--eval.sample_prompt", "def main("]
 TOKENS_PER_STEP = 2 * 2 * 32  # processes x local batch x seq_len
 
 
@@ -91,13 +92,30 @@ def test_tensorboard_holds_the_rows_of_metrics_jsonl(run):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     rows = read_metrics(out)
-    keys = {key for row in rows for key, value in row.items() if key != "step" and value is not None}
+    keys = {key for row in rows for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and value is not None}
     assert set(events.Tags()["scalars"]) == keys
+    assert events.Tags()["tensors"] == ["sample/text_summary"]  # add_text's tag
+    texts = [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors("sample/text_summary")]
+    assert texts == [(row["step"], row["sample"]) for row in rows if "sample" in row]
     for key in keys:
         expected = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
         got = [(event.step, event.value) for event in events.Scalars(key)]
         assert [step for step, _ in got] == [step for step, _ in expected], key
         assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-6), key
+
+
+def test_samples_during_training_are_generate_py_on_the_same_weights(run, env):
+    """[eval] sample_every: the greedy text of the 2-process sharded model at step 6 is what generate.py writes
+    from the step-6 checkpoint in one process."""
+    out, console = run
+    rows = {row["step"]: row for row in read_metrics(out)}
+    assert [step for step, row in rows.items() if "sample" in row] == [3, 6]
+    assert f"sample at step 6: {rows[6]['sample']!r}" in console
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), str(out), "--prompt", "def main(",
+                             "--tokens", "32"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(f"\ndef main({rows[6]['sample']}\n")
 
 
 def test_export_at_the_end_loads_in_transformers_and_generate_agrees_with_it(run, env):
