@@ -100,8 +100,9 @@ def main(argv: list[str]) -> int:
         with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
             saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
             resume = startup.resume_point(output_dir, config, saved)  # a load_step without its checkpoint: refused
-            if resume[1] == config.training.steps and not resume[2]:
-                log.info(finished_line(output_dir, resume[0]))  # nothing to train: no config.toml write, no W&B run
+            folder, step, superseded = resume
+            if step == config.training.steps and not superseded:
+                log.info(finished_line(output_dir, folder))  # nothing to train: no config.toml write, no W&B run
                 return 0
             return train(config, dist_, output_dir, saved, resume, preemption)
     finally:
