@@ -94,7 +94,9 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     if rc != 0 or not metrics.exists():
         return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
                 "wall_s": time.time() - started}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from recipes.run.runs import read_metrics
+
+    rows = read_metrics(out)
     kernel = re.search(r"attention: varlen runs (.*?) on", log.read_text())
     result = {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started,
               "kernel_ran": kernel[1] if kernel else None}
@@ -142,7 +144,8 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     return {**spec, "impl": "torchtitan-0.2.2", **summarize(rows, args.skip), "wall_s": time.time() - started}
 
 
-def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
+def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8,
+               head_dim: int = 128) -> list[dict]:
     """Peak memory of attention forward+backward with GQA in the kernel vs K/V repeated to the query heads."""
     import torch
     import torch.nn.functional as F

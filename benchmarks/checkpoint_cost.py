@@ -58,10 +58,10 @@ def main() -> None:
 
     rows = {"flavor": args.flavor, "bare_save_s": [], "save_s": [], "verify_s": [], "load_s": []}
     for i in range(args.repeats):
-        rows["bare_save_s"].append(timed(lambda: bare(i)))
+        rows["bare_save_s"].append(timed(lambda i=i: bare(i)))
         shutil.rmtree(root / f"bare-{i}")
-        rows["save_s"].append(timed(lambda: checkpoint.save(root / "checkpoints", i + 1, model, optimizer, scheduler,
-                                                            _Position(), keep=1)))
+        rows["save_s"].append(timed(lambda i=i: checkpoint.save(root / "checkpoints", i + 1, model, optimizer,
+                                                                scheduler, _Position(), keep=1)))
     folder = checkpoint.complete_checkpoints(root / "checkpoints")[-1]
     rows["bytes"] = sum(path.stat().st_size for path in folder.iterdir())
     rows["verify_s"].append(timed(lambda: checkpoint.verify(folder)))

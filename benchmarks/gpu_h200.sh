@@ -4,8 +4,8 @@
 # torchtitan 0.2.2's Trainer, the largest batch at 8192, a profile, and the flavors × activation-checkpointing
 # memory table. Results go to DEST (default $OUT).
 #   bash benchmarks/gpu_h200.sh WHEELS_DIR QWEN3_TOKENIZER_DIR PART [DEST]
-# WHEELS_DIR: wheels the image lacks (../shared/gpu-wheels/download.sh, cut-cross-entropy); FA4 must already be
-# importable (source .fa4/b/install.sh first). QWEN3_TOKENIZER_DIR: benchmarks/prepare_qwen3_tokenizer.sh's
+# WHEELS_DIR: wheels the image lacks (benchmarks/gpu_setup.sh wheels); FA4 must already be importable
+# (benchmarks/gpu_setup.sh fa4-stage, then fa4-install, first). QWEN3_TOKENIZER_DIR: benchmarks/prepare_qwen3_tokenizer.sh's
 # folder (tokenizer.json may be xz'ed). PART: tests | speed | memory | all.
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u

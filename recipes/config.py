@@ -23,6 +23,7 @@ else:
     import tomli as tomllib
 
 from recipes.errors import UserError
+from recipes.qwen3.model import Qwen3Config
 
 
 def key(default, help: str):
@@ -36,7 +37,7 @@ def key(default, help: str):
 class ModelConfig:
     flavor: str = key("debug", "model shape: debug, small, 0.6B, 1.7B, 4B, 8B, 14B, 32B (ignored with init_from)")
     attention: str = key("sdpa", "attention backend: sdpa | flex | varlen")
-    mask: str = key("document", "document: causal within each packed document; causal: across the whole row")
+    mask: str = key(Qwen3Config.mask, "document: causal within each packed document; causal: across the whole row")
     init_from: str = key("", "HF Qwen3 checkpoint folder to start from (sets the shape); \"\" = random init")
     kernel: str = key("auto", "varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (FlashAttention-4)")
 
@@ -142,8 +143,6 @@ class Config:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 AC_MODES = ("none", "full", "selective")
-# Values earlier releases wrote, read as what they meant.
-_LEGACY_VALUES = {"training.activation_checkpoint": {True: "full", False: "none", "true": "full", "false": "none"}}
 
 
 def _suggestion(name: str, choices) -> str:
@@ -191,11 +190,7 @@ def _apply(config: Config, section: str, key: str, value, from_cli: bool) -> Non
     where = f"{section}.{key}"
     if key not in types:
         raise UserError(f"unknown key {where}{_closest(key, types)}")
-    legacy = _LEGACY_VALUES.get(where, {})
-    if isinstance(value, (bool, str)) and value in legacy:  # not ints: 1 == True would match
-        value = legacy[value]
-    else:
-        value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
+    value = _parse_override(where, value, types[key]) if from_cli else _check_type(where, value, types[key])
     setattr(getattr(config, section), key, value)
 
 

@@ -42,11 +42,17 @@ class OutputWriteError(RecipeError, RuntimeError):
     exit_code = IO_ERROR_EXIT_CODE
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (for one-line reports), or its type's name where it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def os_reason(error: OSError) -> str:
     """'ENOSPC: No space left on device' for an OSError that carries an errno, else its first line."""
     if error.errno in errno.errorcode:
         return f"{errno.errorcode[error.errno]}: {os.strerror(error.errno)}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return first_line(error)
 
 
 def write_failed(path, error: OSError) -> OutputWriteError:

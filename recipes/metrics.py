@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from recipes.config import to_dict
-from recipes.errors import write_failed
+from recipes.errors import first_line, write_failed
+from recipes.files import write_atomic
+from recipes.run.runs import metrics_row
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def start_wandb(config, output_dir: Path):
             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, x_disable_stats=True),
         )
     except Exception as error:  # W&B must never stop training: metrics.jsonl stays the record
-        log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, str(error).splitlines()[0][:200])
+        log.warning("wandb: disabled for this run (%s: %s)", type(error).__name__, first_line(error)[:200])
         return None
 
 
@@ -133,11 +135,8 @@ class MetricsLogger:
             return
         kept, torn = [], 0
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
-            try:
-                row = json.loads(line) if line.endswith("\n") else None  # no newline: cut mid-write
-            except ValueError:
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            row = metrics_row(line)
+            if isinstance(row, str):  # torn: why
                 torn += bool(line.strip())
             elif row["step"] <= step:
                 kept.append(line)
@@ -145,14 +144,10 @@ class MetricsLogger:
             backup = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.copyfile(self.path, backup)
             log.warning("metrics: %d torn line(s) in %s dropped; the file as it was is in %s", torn, self.path, backup)
-        tmp = self.path.with_suffix(".jsonl.tmp")
         try:
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda handle: handle.write("".join(kept).encode()))
         except OSError as error:
             raise write_failed(self.path, error) from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -277,7 +272,8 @@ def corpus_line(loader, steps: int) -> str:
 
 
 def build_profiler(output_dir: Path, enabled: bool):
-    """torch.profiler over training steps 7-9 (after compilation and warm-up) when [metrics] profile is set: rank 0 writes
+    """torch.profiler over training steps 7-9 (after compilation and warm-up) when [metrics] profile is set: rank 0
+    writes
     <output_dir>/profile/top_kernels.txt (device time per kernel) and a Chrome trace. None when disabled."""
     if not enabled:
         return None

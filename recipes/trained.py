@@ -1,6 +1,7 @@
-"""A trained run read back for use in one process: its config and checkpoint (`open_run`), its model on any attention
-backend (`load_model`), and its Hugging Face export (`export`). scripts/eval_matrix.py, scripts/export_hf.py,
-scripts/generate.py and train.py's `[checkpoint] export_hf` all open runs through here.
+"""A trained run read back for use in one process (opened by recipes.run.runs.open_run): its model on any
+attention backend (`load_model`), its Hugging Face export (`export`) and sample text (`generate`).
+scripts/eval_matrix.py, scripts/export_hf.py, scripts/generate.py and train.py's `[checkpoint] export_hf` and
+`[eval] sample_every` all use these.
 """
 
 from __future__ import annotations
@@ -15,23 +16,13 @@ import torch
 
 from recipes import checkpoint, data
 from recipes.build import model_shape
-from recipes.config import Config, expand_path, load_config
+from recipes.config import Config, expand_path
 from recipes.errors import UserError
-from recipes.run.outputs import SAVED_CONFIG
+from recipes.run.runs import open_run
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def open_run(run_dir: Path, step: int | None) -> tuple[Config, Path]:
-    """The run's resolved config and the checkpoint of `step` (None: the newest), checked readable; a UserError
-    naming the fix where either is missing or damaged."""
-    if not (run_dir / SAVED_CONFIG).is_file():
-        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
-    folder = checkpoint.find(run_dir / "checkpoints", step)
-    checkpoint.check_readable(folder)
-    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
 
 
 def load_tokenizer(config: Config) -> data.Tokenizer:

@@ -58,13 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="train.py output dir, W&B offline-run-* folder or .wandb file, or wandb:ENTITY/PROJECT/RUN_ID")
+                        help="train.py output dir, W&B offline-run-* folder or .wandb file, or "
+                             "wandb:ENTITY/PROJECT/RUN_ID")
     parser.add_argument("--metric", default="loss",
                         help="the logged value to compare: loss (default), val_loss ([eval] interval), or any other")
     parser.add_argument("--tolerance", type=nonnegative_float, default=DEFAULT_MAX_TOLERANCE,
-                        help=f"largest |loss difference| allowed at any step (default {DEFAULT_MAX_TOLERANCE}: 1.5 × the measured noise floor)")
+                        help=f"largest |loss difference| allowed at any step (default {DEFAULT_MAX_TOLERANCE}: "
+                             "1.5 × the measured noise floor)")
     parser.add_argument("--mean-tolerance", type=nonnegative_float, default=DEFAULT_MEAN_TOLERANCE,
-                        help=f"largest mean |loss difference| over the run (default {DEFAULT_MEAN_TOLERANCE}: 1.5 × the measured noise floor)")
+                        help=f"largest mean |loss difference| over the run (default {DEFAULT_MEAN_TOLERANCE}: "
+                             "1.5 × the measured noise floor)")
     parser.add_argument("--window", type=positive_int, metavar="N",
                         help=f"window length in steps for the per-window table (default: {DEFAULT_WINDOWS} windows)")
     parser.add_argument("--skip-steps", type=nonnegative_int, default=0, metavar="K",
@@ -94,7 +97,8 @@ def unique_labels(runs: list[Run]) -> None:
 def losses(run: Run, metric: str) -> dict[int, float]:
     values = {row["step"]: float(row[metric]) for row in run.rows if row.get(metric) is not None}
     if not values:
-        hint = "set [eval] interval in its config" if metric == "val_loss" else "pass a run that logged at least one step"
+        hint = ("set [eval] interval in its config" if metric == "val_loss"
+                else "pass a run that logged at least one step")
         raise UserError(f"{run.source}: no '{metric}' logged; {hint}")
     return values
 
@@ -155,7 +159,8 @@ def verdict(pair: PairResult, args: argparse.Namespace) -> str:
 
 
 def print_report(runs: list[Run], pairs: list[PairResult], args: argparse.Namespace) -> None:
-    print(f"{args.metric}: {len(runs)} runs; tolerance max |diff| <= {args.tolerance:g}, mean |diff| <= {args.mean_tolerance:g}"
+    print(f"{args.metric}: {len(runs)} runs; tolerance max |diff| <= {args.tolerance:g}, "
+          f"mean |diff| <= {args.mean_tolerance:g}"
           + (f"; steps <= {args.skip_steps} skipped" if args.skip_steps else ""))
     width = max(len(run.label) for run in runs)
     for run in runs:
@@ -191,7 +196,8 @@ def plot(runs: list[Run], pairs: list[PairResult], args: argparse.Namespace, pat
     curves.set_ylabel(args.metric)
     curves.legend()
     verdict = "agree" if all(pair.passed for pair in pairs) else "DISAGREE"
-    curves.set_title(f"{args.metric} per run: {verdict} (max |Δ| ≤ {args.tolerance:g}, mean |Δ| ≤ {args.mean_tolerance:g})")
+    curves.set_title(f"{args.metric} per run: {verdict} "
+                     f"(max |Δ| ≤ {args.tolerance:g}, mean |Δ| ≤ {args.mean_tolerance:g})")
     for pair in pairs:
         steps = sorted(pair.aligned)
         differences.plot(steps, [pair.aligned[step] for step in steps], label=f"{pair.a} vs {pair.b}", linewidth=1)
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, runs, pairs, args)
             print(f"wrote {args.json}")
     except OSError as error:
-        print(f"compare_runs.py: error: cannot write {error.filename}: {error.strerror}; pass a writable --png/--json path",
+        print(f"compare_runs.py: error: cannot write {error.filename}: {error.strerror}; "
+              "pass a writable --png/--json path",
               file=sys.stderr)
         return 2
     failed = [f"{pair.a} vs {pair.b}" for pair in pairs if not pair.passed]

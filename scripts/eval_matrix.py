@@ -25,7 +25,8 @@ from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
 from recipes.qwen3.attention import BACKENDS
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
-from recipes.trained import load_model, load_tokenizer, open_run
+from recipes.run.runs import open_run
+from recipes.trained import load_model, load_tokenizer
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the

@@ -19,7 +19,8 @@ import torch
 from recipes.cli import nonnegative_float, nonnegative_int, positive_int
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.qwen3.attention import BACKENDS
-from recipes.trained import generate, load_model, load_tokenizer, open_run
+from recipes.run.runs import open_run
+from recipes.trained import generate, load_model, load_tokenizer
 
 
 def main() -> int:

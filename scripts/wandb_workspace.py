@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from recipes.errors import first_line
+
 PANELS = ("loss", "grad_norm", "lr", "tokens_per_sec_per_gpu", "mfu", "mfu_torchtitan", "peak_memory_gib")
 
 
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the run group holding one run per backend (default: $WANDB_RUN_GROUP, else "
                              "qwen3-backends as in configs/qwen3_{sdpa,flex,varlen}.toml)")
     parser.add_argument("--name", default="Attention backends", help="title of the view or report")
-    parser.add_argument("--report", action="store_true", help="save a report (shareable page) instead of a workspace view")
+    parser.add_argument("--report", action="store_true",
+                        help="save a report (shareable page) instead of a workspace view")
     args = parser.parse_args(argv)
     if not args.entity:
         parser.error("--entity is required (or set $WANDB_ENTITY): the W&B user or team that owns the project")
@@ -85,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         wandb.Api()
         view.save()
     except (wandb.errors.Error, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"wandb_workspace.py: error: could not save to W&B ({reason}); "
+        print(f"wandb_workspace.py: error: could not save to W&B ({first_line(error)}); "
               "set WANDB_API_KEY (or `wandb login`) and network access", file=sys.stderr)
         return 2
     print(view.url)

@@ -5,6 +5,7 @@ train.py, torchrun and SLURM processes, marked `process`), tests/gpu (`-m gpu`).
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,8 @@ class ReferenceAttention:
 
 @pytest.fixture
 def reference_attention():
-    """ReferenceAttention(mask): attention_meta(document_starts, device) -> dense mask; __call__(q, k, v, meta, scale)."""
+    """ReferenceAttention(mask): attention_meta(document_starts, device) -> dense mask;
+    __call__(q, k, v, meta, scale)."""
     return ReferenceAttention
 
 
@@ -131,3 +133,18 @@ def pytest_collection_modifyitems(config, items):
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"{len(slurm)} SLURM tests deselected: {SLURM_HINT}")
+
+
+_tier_seconds: Counter = Counter()
+
+
+def pytest_runtest_logreport(report):
+    """Adds each test's setup, call and teardown time to its tier (the folder under tests/)."""
+    parts = report.nodeid.split("/")
+    _tier_seconds[parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _tier_seconds:
+        terminalreporter.write_line("time per tier: " + ", ".join(
+            f"{tier} {seconds:.0f} s" for tier, seconds in sorted(_tier_seconds.items())))

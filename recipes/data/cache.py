@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recipes.errors import UserError
+from recipes.files import write_atomic
 
 if TYPE_CHECKING:
     from recipes.data.tokenizer import Tokenizer
@@ -46,18 +47,6 @@ def corpus_hash(documents: Iterable[str], kind: str = "") -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a private temporary file and rename, so a reader (or another rank) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -72,9 +61,9 @@ def _record_of(path: Path) -> Path:
 
 def write_cached(path: Path, write) -> None:
     """A cache file and, beside it, the size and sha256 it had when built (the record is written last)."""
-    _write_atomic(path, write)
+    write_atomic(path, write)
     record = json.dumps({"size": path.stat().st_size, "sha256": sha256_file(path)})
-    _write_atomic(_record_of(path), lambda handle: handle.write(record.encode()))
+    write_atomic(_record_of(path), lambda handle: handle.write(record.encode()))
 
 
 def intact(path: Path) -> bool:

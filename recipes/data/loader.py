@@ -76,8 +76,9 @@ class StreamedTokens:
     """A (hub) IterableDataset tokenized on the fly, in the order of its seeded shuffle buffer per epoch.
 
     Every rank reads and tokenizes the whole stream and keeps its own rows: that is what keeps the stream free of
-    the world size (the dataset's own split_dataset_by_node would give each world size other batches). The state is the first document not yet fully consumed (epoch, index in that epoch's order) and how many of its
-    tokens were; resuming re-reads that epoch up to the document without tokenizing the skipped ones.
+    the world size (the dataset's own split_dataset_by_node would give each world size other batches). The state is
+    the first document not yet fully consumed (epoch, index in that epoch's order) and how many of its tokens were;
+    resuming re-reads that epoch up to the document without tokenizing the skipped ones.
     """
 
     def __init__(self, dataset, tokenizer: Tokenizer, text_field: str, seed: int, name: str, heldout: bool):

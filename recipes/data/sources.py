@@ -88,7 +88,8 @@ def _file_documents(file: Path, text_field: str) -> Iterator[str]:
         if text_field not in schema.names:
             raise missing_field(file, text_field, schema.names)
         if schema.field(text_field).type not in ("string", "large_string"):
-            raise _bad_record(f"{file} column {text_field!r}", f"must hold strings, holds {schema.field(text_field).type}")
+            raise _bad_record(f"{file} column {text_field!r}",
+                              f"must hold strings, holds {schema.field(text_field).type}")
         for batch in pq.ParquetFile(file).iter_batches(columns=[text_field]):
             yield from batch.column(0).to_pylist()
     else:  # .jsonl, or .json holding either JSON lines or one array of records

@@ -23,9 +23,9 @@ _SHOWN_HASH_DIGITS = 8  # enough to tell corpora apart in a log line
 class Tokenizer:
     """A HF `tokenizers` tokenizer with the EOS that separates packed documents.
 
-    encode_batch() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not torchtitan's
-    HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan 0.2.2 does not
-    import on torch >= 2.13 without triton.
+    encode_batch() adds no special tokens (no BOS): the packer puts exactly one EOS after every document. Not
+    torchtitan's HuggingFaceTokenizer: it has no batch encode, adds BOS/EOS by its own inference, and torchtitan
+    0.2.2 does not import on torch >= 2.13 without triton.
     """
 
     def __init__(self, engine: tokenizers.Tokenizer, eos_token: str, name: str):
@@ -56,17 +56,23 @@ def train_default_tokenizer(documents: Iterable[str], vocab_size: int) -> tokeni
     return engine
 
 
+def default_tokenizer_file(vocab_size: int, cache_dir: Path) -> tuple[Path, str]:
+    """Where the default tokenizer of `vocab_size` is cached, keyed by the stdlib corpus; and that key."""
+    key = corpus_hash(stdlib_documents())
+    return Path(cache_dir) / f"tokenizer-bpe{vocab_size}-stdlib-{key[:HASH_DIGITS]}-{CACHE_VERSION}.json", key
+
+
 def _default_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
     minimum = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 1
     if data.vocab_size < minimum:
         raise UserError(f"data.vocab_size: {data.vocab_size} is below the byte-level minimum {minimum}; raise it")
-    key = corpus_hash(stdlib_documents())
-    path = Path(cache_dir) / f"tokenizer-bpe{data.vocab_size}-stdlib-{key[:HASH_DIGITS]}-{CACHE_VERSION}.json"
+    path, key = default_tokenizer_file(data.vocab_size, cache_dir)
     if not intact(path):
         engine = train_default_tokenizer(stdlib_documents(), data.vocab_size)
         write_cached(path, lambda handle: handle.write(engine.to_str().encode()))
     engine = tokenizers.Tokenizer.from_file(str(path))
-    return Tokenizer(engine, data.eos_token or DEFAULT_EOS, f"default BPE {data.vocab_size} (stdlib {key[:_SHOWN_HASH_DIGITS]})")
+    name = f"default BPE {data.vocab_size} (stdlib {key[:_SHOWN_HASH_DIGITS]})"
+    return Tokenizer(engine, data.eos_token or DEFAULT_EOS, name)
 
 
 def _config_eos(folder: Path) -> str:

@@ -62,7 +62,7 @@ def packed_offsets(document_starts: torch.Tensor) -> torch.Tensor:
     return torch.cat([begin, torch.tensor([starts.numel()], device=begin.device)])
 
 
-# The kernel outputs that selective activation checkpointing saves (recipes/parallel.py): every backend's.
+# The kernel outputs that selective activation checkpointing saves (recipes/build.py): every backend's.
 ATTENTION_OPS = frozenset(op for op in (
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,

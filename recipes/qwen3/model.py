@@ -19,7 +19,6 @@ from recipes.qwen3.attention import build_backend
 from recipes.qwen3.loss import linear_cross_entropy
 
 
-
 @dataclass(frozen=True)
 class Qwen3Config:
     vocab_size: int = 151936
@@ -34,7 +33,7 @@ class Qwen3Config:
     max_seq_len: int = 40960  # Qwen3's max_position_embeddings
     tie_embeddings: bool = True
     attention: str = "sdpa"  # sdpa | flex | varlen
-    mask: str = "causal"  # causal | document
+    mask: str = "document"  # causal | document; the recipe's default too (config.ModelConfig.mask)
     kernel: str = "auto"  # varlen's kernel: auto | torch | fa4
     eos_id: int = 151643  # <|endoftext|>; written to an HF export only (the loader says where documents begin)
 

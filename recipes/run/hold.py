@@ -6,8 +6,11 @@ per run: global rank 0 takes it, and `RunHold.for_run` tells the other ranks the
 
 Why a file and not flock/fcntl: output folders live on NFS and Lustre, where those locks may be absent (NFS
 `nolock`, Lustre `noflock`: ENOSYS), node-local only (Lustre `localflock`: silently wrong across nodes) or
-stuck on a lost node until a lease or lock daemon gives up. The hold is a plain file, made with operations that
-are atomic on those filesystems:
+stuck on a lost node until a lease or lock daemon gives up. Why not filelock (4.3.1, installed with torch), whose
+soft locks do serve NFS: its SoftFileLease lets a newcomer take another machine's claim only after watching it
+unchanged for the whole lease on the newcomer's own clock, so a rerun after a lost node would wait STALE_AFTER_S
+however long ago the heartbeat stopped; and the record naming the holder (SLURM job, start) and the folder left as
+it was would stay ours. The hold is a plain file, made with operations that are atomic on those filesystems:
 
 - Taking: the record (JSON: host, pid, started (ISO), token (uuid4), plus boot_id, pid_ns, proc_start and
   slurm_job) is written and fsynced to a unique `.hold.new-<token>`, then `os.link`ed to `.hold`. link(2) is
@@ -228,8 +231,7 @@ class RunHold:
 
     `RunHold.take(output_dir)` (one process) or `RunHold.for_run(output_dir, is_main)` (every rank; rank 0
     takes) -> a RunHold; `.release()`; `.files`: the names in the folder that are the hold's, for
-    outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it; `.lost`: True once the
-    heartbeat found the hold removed or taken over.
+    outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it.
     """
 
     def __init__(self, output_dir: Path, token: str | None = None, folder: _Folder | None = None,
@@ -238,7 +240,6 @@ class RunHold:
         self.path = self.output_dir / HOLD_FILE
         self.token = token
         self.held = token is not None
-        self.lost = False
         self._folder = folder
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
@@ -326,7 +327,7 @@ class RunHold:
         return tuple(sorted({HOLD_FILE, *names}))
 
     def _beat(self) -> None:
-        failing = False
+        failing = lost = False  # warn once per failure, and once when the hold is lost
         while not self._stop.wait(self._heartbeat_s):
             try:
                 with open(self.path, "rb") as f:
@@ -343,12 +344,12 @@ class RunHold:
                 failing = True
                 continue
             failing = False
-            if not ours and not self.lost:
+            if not ours and not lost:
                 holder = (_Seen(seen, 0, "").describe() if isinstance(seen, dict) and "token" in seen
                           else "nobody")
                 log.warning("hold %s: lost, now held by %s; another run may write to %s", self.path, holder,
                             self.output_dir)
-            self.lost = not ours
+            lost = not ours
 
     def release(self) -> None:
         """Stops the heartbeat and removes the hold if it still carries our token; a run that wrote nothing leaves

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from recipes.config import Config, load_config, to_dict, to_toml
 from recipes.errors import OutputWriteError, UserError, write_failed
+from recipes.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,8 @@ def differences(saved: Config, current: Config, keys: frozenset[str]) -> dict[st
 
 def check_output_dir(output_dir: Path, config: Config, ignore: tuple[str, ...] = ()) -> Config | None:
     """Refuses a folder holding another run; returns the config of the run it holds (to be resumed), or None for a
-    new run. `ignore` names files that do not count as contents (the run's hold)."""
-    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
-    if not existing.is_dir():
-        raise UserError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
+    new run. `ignore` names files that do not count as contents (the run's hold, which has already refused a path
+    through a file)."""
     saved_path = output_dir / SAVED_CONFIG
     if saved_path.is_file():
         saved = load_config(str(saved_path), source=str(saved_path))
@@ -100,7 +99,6 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
     dist.barrier()
     failure = [None]
     if is_main:
-        tmp = output_dir / f".{SAVED_CONFIG}.tmp"
         path = output_dir / SUPERSEDED
         try:
             if superseded:
@@ -121,12 +119,9 @@ def record_config(output_dir: Path, config: Config, saved: Config | None, step: 
                 log.warning("resume at step %d with changed settings: %s", step,
                             ", ".join(f"{key} {there!r} -> {now!r}" for key, (there, now) in changed.items()))
             path = output_dir / SAVED_CONFIG
-            tmp.write_text(to_toml(config))
-            os.replace(tmp, path)
+            write_atomic(path, lambda handle: handle.write(to_toml(config).encode()))
         except OSError as error:
             failure = [str(write_failed(path, error))]
-        finally:
-            tmp.unlink(missing_ok=True)  # a half-written copy must not make the folder look taken
     dist.broadcast_object_list(failure)  # rank 0's failure stops every rank
     if failure[0] is not None:
         raise OutputWriteError(failure[0])

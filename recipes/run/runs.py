@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.config import tomllib
-from recipes.errors import UserError
+from recipes import checkpoint
+from recipes.config import Config, load_config, tomllib
+from recipes.errors import UserError, first_line
+from recipes.run.outputs import SAVED_CONFIG
 
 WANDB_API_PREFIX = "wandb:"
 
@@ -26,28 +28,47 @@ class Run:
     rows: list[dict]
 
 
+def open_run(run_dir: Path, step: int | None) -> tuple[Config, Path]:
+    """A train.py run's resolved config and its checkpoint folder (the newest, or `step`'s), checked readable; a
+    UserError naming the fix where either is missing (scripts/eval_matrix.py, scripts/export_hf.py)."""
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: no {SAVED_CONFIG} there; pass the job.output_dir of a train.py run")
+    folder = checkpoint.find(run_dir / "checkpoints", step)
+    checkpoint.check_readable(folder)
+    return load_config(str(run_dir / SAVED_CONFIG), source=str(run_dir / SAVED_CONFIG)), folder
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Rows of <run_dir>/metrics.jsonl, sorted by step."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl there; pass the output_dir of a train.py run")
-    text = path.read_text()
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        # A run killed mid-write leaves an unterminated last line; the lines before it are whole.
-        lines = lines[:-1]
+    lines = path.read_text().splitlines(keepends=True)
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not a JSON line ({error.msg}); fix or delete that line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise UserError(f"{path}:{number}: a metrics line needs an integer 'step'; fix or delete that line")
+        row = metrics_row(line)
+        if isinstance(row, str):
+            if number == len(lines) and not line.endswith("\n"):
+                continue  # a run killed mid-write leaves an unterminated last line; the lines before it are whole
+            raise UserError(f"{path}:{number}: {row}; fix or delete that line")
         rows.append(row)
     return _by_step(rows)
+
+
+def metrics_row(line: str) -> dict | str:
+    """One line of a metrics.jsonl, with its newline, as its row; or, for a torn line, why: cut mid-write (no
+    newline), not JSON, or no integer step. read_metrics and the resume's repair (recipes/metrics.py) read it."""
+    if not line.endswith("\n"):
+        return "cut mid-write (no newline)"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not a JSON line ({error.msg})"
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        return "a metrics line needs an integer 'step'"
+    return row
 
 
 def _by_step(rows: list[dict]) -> list[dict]:
@@ -63,7 +84,8 @@ def _wandb_records(path: Path) -> list[dict]:
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb file")
+        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb "
+                        "file")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -82,11 +104,6 @@ def _history_rows(records: list[dict]) -> list[dict]:
         row.update({key: _metric_value(value) for key, value in item.items() if not key.startswith("_")})
         rows.append(row)
     return _by_step(rows)
-
-
-def read_wandb_offline(path: str | Path) -> list[dict]:
-    """History rows of an offline W&B run, given its offline-run-* folder or its run-*.wandb file."""
-    return _history_rows(_wandb_records(_wandb_log_file(Path(path))))
 
 
 def _wandb_log_file(path: Path) -> Path:
@@ -110,11 +127,6 @@ def _wandb_config(records: list[dict]) -> dict:
     return config
 
 
-def read_wandb_api(run_path: str) -> list[dict]:
-    """History rows of a run on a W&B server, given "entity/project/run_id"."""
-    return _fetch_wandb_api(run_path)[1]
-
-
 def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
     """The public-API run object and its history rows."""
     import wandb
@@ -129,8 +141,7 @@ def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
             row.update({key: value for key, value in item.items() if not key.startswith("_") and value is not None})
             rows.append(row)
     except (wandb.errors.Error, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({reason}); "
+        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({first_line(error)}); "
                         "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder") from None
     return api_run, _by_step(rows)
 
@@ -158,7 +169,8 @@ def load_run(source: str) -> Run:
         return Run(_attention(dict(api_run.config)) or api_run.name, source, rows)
     path = Path(source)
     if not path.exists():
-        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or wandb:ENTITY/PROJECT/RUN_ID")
+        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or "
+                        "wandb:ENTITY/PROJECT/RUN_ID")
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         return Run(_config_toml_attention(path) or path.resolve().name, source, read_metrics(path))
     if path.suffix == ".wandb" or (path.is_dir() and any(path.glob("run-*.wandb"))):

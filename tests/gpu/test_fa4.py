@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
+from test_kernels import realistic_starts
 
 from recipes.qwen3 import fa4
 from recipes.qwen3.attention import build_backend
 from recipes.qwen3.model import Qwen3Config, TransformerBlock, rope_cache
-from test_kernels import realistic_starts
 
 pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -1,6 +1,6 @@
 """The backend proof, end to end on CPU: scripts/train_backends.sh trains sdpa, flex and varlen (real torchrun
-processes, offline W&B runs) and tests/process/train_mutated.py trains varlen with torchtitan 0.2.1's layout mistake on the
-same seed and data. compare_runs.py, the W&B read-back and eval_matrix.py must pass the three and catch the
+processes, offline W&B runs) and tests/process/train_mutated.py trains varlen with torchtitan 0.2.1's layout mistake on
+the same seed and data. compare_runs.py, the W&B read-back and eval_matrix.py must pass the three and catch the
 mutation. On CPU the backends share one math kernel, so they must agree to fp32 noise (1e-4); the mutation changes
 the function the model computes, so it lands orders of magnitude further away (> 1e-2).
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
+from train_process import REPO, finish
 
 from recipes.config import load_config
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.run.runs import load_run, read_metrics
-from train_process import REPO, finish
 
 compare_main = runpy.run_path(str(REPO / "scripts" / "compare_runs.py"))["main"]
 EVAL_MATRIX = REPO / "scripts" / "eval_matrix.py"
@@ -47,7 +47,8 @@ def runs(env, tmp_path_factory) -> dict[str, Path]:
     launcher_log = root / "train_backends.log"
     with open(launcher_log, "w") as log:
         launcher = subprocess.Popen(
-            ["bash", str(REPO / "scripts" / "train_backends.sh"), "--out", "backends", "--nproc", "1", "--", *OVERRIDES],
+            ["bash", str(REPO / "scripts" / "train_backends.sh"), "--out", "backends", "--nproc", "1", "--",
+             *OVERRIDES],
             cwd=root, env={**env, "PYTHON": sys.executable}, stdout=log, stderr=subprocess.STDOUT)
     finish(launcher, launcher_log)
     finish(mutated, root / "mutated.log")
@@ -70,7 +71,8 @@ def test_launcher_trains_the_three_configs_into_one_folder_and_group_and_compare
 
 def test_compare_runs_passes_the_backends_and_fails_the_mutated_run(runs, tmp_path, capsys):
     png, table = tmp_path / "backends.png", tmp_path / "backends.json"
-    assert compare_main([*(str(runs[b]) for b in BACKENDS), *CPU_TOLERANCE, "--png", str(png), "--json", str(table)]) == 0
+    arguments = [*(str(runs[b]) for b in BACKENDS), *CPU_TOLERANCE, "--png", str(png), "--json", str(table)]
+    assert compare_main(arguments) == 0
     assert all(pair["max_abs_diff"] <= 1e-4 for pair in json.loads(table.read_text())["pairs"])
     height, width, _ = imread(png).shape  # a PNG that decodes, at the size compare_runs draws
     assert width > 600 and height > 400
@@ -94,8 +96,9 @@ def test_offline_wandb_runs_of_the_three_backends_hold_their_metrics_jsonl(runs)
     for backend in BACKENDS:
         (offline_run,) = (runs[backend] / "wandb").glob("offline-run-*")
         # train.py sends W&B no None values (mfu on CPU, where no peak FLOP/s is known); every other value, exactly.
-        logged = [{key: value for key, value in row.items() if value is not None} for row in read_metrics(runs[backend])]
-        read_back = load_run(str(offline_run))  # the history as read_wandb_offline reads it, and the run's config
+        logged = [{key: value for key, value in row.items() if value is not None}
+                  for row in read_metrics(runs[backend])]
+        read_back = load_run(str(offline_run))  # the history and the run's config, as compare_runs.py reads them
         assert read_back.rows == logged, backend
         assert read_back.label == backend
 

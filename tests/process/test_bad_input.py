@@ -12,17 +12,17 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import tokenizers
+from train_process import DEBUG_CONFIG, REPO, train_command
 
 from recipes.config import load_config, to_toml
 from recipes.errors import USER_ERROR_EXIT_CODE
-from train_process import DEBUG_CONFIG, REPO, train_command
 
 # Two steps of the debug config, a checkpoint after each.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "2", "--training.seq_len", "64",
@@ -82,7 +82,8 @@ def tokenizer_folder_with_a_broken_config(tmp: Path, base: Path) -> list[str]:
     """A real tokenizer.json beside a tokenizer_config.json cut off mid-file."""
     (tmp / "tok").mkdir()
     vocab = {"a": 0, "<|endoftext|>": 1, "[UNK]": 2}
-    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]")).save(str(tmp / "tok" / "tokenizer.json"))
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.save(str(tmp / "tok" / "tokenizer.json"))
     (tmp / "tok" / "tokenizer_config.json").write_text('{"eos_token": ')
     return ["--data.tokenizer", str(tmp / "tok")]
 
@@ -117,9 +118,9 @@ DATASET_FIX = "give \"stdlib\", a .jsonl/.json/.parquet/.txt file or folder, or 
 CHECKSUM = (r"checkpoint: \S+/run/checkpoints/step-00000002/{} {} \(manifest\.json\): step 2 is damaged; move "
             r"\S+/run/checkpoints/step-00000002 out of \S+/run/checkpoints \(the next resume then loads the one "
             r"before\); the previous complete checkpoint is \S+/run/checkpoints/step-00000001")
-CHECKPOINT = (r"checkpoint\.resume: \S+/run/checkpoints/step-00000002 cannot be loaded \({}\); if it is damaged, move it"
-              r" out of \S+/run/checkpoints to resume from the one before; if it is another run's, resume with the "
-              r"config that wrote it, or set checkpoint\.resume=false and a new job\.output_dir")
+CHECKPOINT = (r"checkpoint\.resume: \S+/run/checkpoints/step-00000002 cannot be loaded \({}\); if it is damaged, "
+              r"move it out of \S+/run/checkpoints to resume from the one before; if it is another run's, resume "
+              r"with the config that wrote it, or set checkpoint\.resume=false and a new job\.output_dir")
 
 CASES = {
     # the config file and the command line
@@ -175,7 +176,8 @@ CASES = {
                            r"model\.flavor: 'debugg' is not one of debug, small, .*; did you mean 'debug'\?"),
     "unknown_backend": Case(arguments("--model.attention", "flash"),
                             r"model\.attention: 'flash' is not one of sdpa, flex, varlen"),
-    "unknown_mask": Case(arguments("--model.mask", "sliding"), r"model\.mask: 'sliding' is not one of causal, document"),
+    "unknown_mask": Case(arguments("--model.mask", "sliding"),
+                         r"model\.mask: 'sliding' is not one of causal, document"),
     "unknown_dtype": Case(arguments("--training.dtype", "fp16"),
                           r"training\.dtype: 'fp16' is not one of bfloat16, float32; did you mean 'bfloat16'\?"),
     # data, tokenizer, weights
@@ -206,9 +208,9 @@ CASES = {
         file_at("tokenizer.json", '{"model": "none"}', "--data.tokenizer"),
         r"data\.tokenizer: \S+ is not a tokenizers JSON file \(.*\); point it at a HF tokenizer\.json"),
     "tokenizer_larger_than_the_model": Case(tokenizer_larger_than_the_model,
-                                            r"data\.tokenizer: vocabulary 3002 exceeds model vocab 2048 \(\S+\); pick a "
-                                            r"flavor with a larger vocabulary or a smaller tokenizer \(data\.vocab_size "
-                                            r"for the default one\)"),
+                                            r"data\.tokenizer: vocabulary 3002 exceeds model vocab 2048 \(\S+\); "
+                                            r"pick a flavor with a larger vocabulary or a smaller tokenizer "
+                                            r"\(data\.vocab_size for the default one\)"),
     "eos_token_not_in_the_vocabulary": Case(arguments("--data.eos_token", "<|nope|>"),
                                             r"data\.eos_token: '<\|nope\|>' is not a token of .*; set "
                                             r"data\.eos_token to a token in its vocabulary"),
@@ -219,8 +221,8 @@ CASES = {
                                      r"job\.output_dir: \S+/run holds a different run \(training\.seed: 0 "
                                      r"there, 1 now\); choose a new job\.output_dir"),
     "steps_below_the_checkpoint": Case(copy_of_the_run("--training.steps", "1"),
-                                       r"training\.steps: 1 is below step 2 of the checkpoint \S+/step-00000002; set it "
-                                       r"to at least 2 to continue this run \(nothing was changed\)"),
+                                       r"training\.steps: 1 is below step 2 of the checkpoint \S+/step-00000002; "
+                                       r"set it to at least 2 to continue this run \(nothing was changed\)"),
     "folder_holds_this_run_but_resume_is_off": Case(copy_of_the_run("--checkpoint.resume", "false"),
                                                     r"job\.output_dir: \S+/run already holds this run; set "
                                                     r"--checkpoint\.resume true to continue it, or choose a new "
@@ -318,7 +320,8 @@ def test_resuming_on_another_world_size_is_refused(env, base_run, tmp_path):
     1 rank x 2 rows, resumed by 2 ranks x 2 rows, would continue a different run. Every rank refuses; rank 0 prints
     the line, and torchrun (exit 1) adds its own summary, with no traceback from the recipe."""
     case = Case(copy_of_the_run(), r"world size x training\.local_batch_size: the checkpoint's data stream was made "
-                                   r"with 2, this run has 4; resume with the same setting, or use a new job\.output_dir")
+                                   r"with 2, this run has 4; resume with the same setting, or use a new "
+                                   r"job\.output_dir")
     outcome = run_case(env, base_run, tmp_path / "case", case, nproc=2)
     assert outcome.returncode == 1
     assert re.search(r"exitcode\s*: 2", outcome.stderr)

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 from recipes.checkpoint import MANIFEST, _MetadataUnpickler, complete_checkpoints
-from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 RUN = ["--config", str(DEBUG_CONFIG), "--training.seq_len", "64", "--training.local_batch_size", "2",
        "--optimizer.warmup_steps", "1", "--metrics.log_every", "1", "--metrics.wandb", "false",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 from recipes import checkpoint
 from recipes.build import model_shape
@@ -17,7 +18,6 @@ from recipes.config import load_config
 from recipes.data import build_tokenizer
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.qwen3.model import Qwen3Model, flavor_config
-from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 EXPORT = REPO / "scripts" / "export_hf.py"
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "3", "--training.seq_len", "32", "--metrics.wandb", "false",
@@ -27,7 +27,8 @@ RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "3", "--training.seq_l
 def untied_hf_folder(path):
     """An untied HF Qwen3 (transformers' own save_pretrained) with the debug shape, to fine-tune from."""
     debug = flavor_config("debug")
-    config = transformers.Qwen3Config(vocab_size=debug.vocab_size, hidden_size=debug.dim, intermediate_size=debug.hidden_dim,
+    config = transformers.Qwen3Config(vocab_size=debug.vocab_size, hidden_size=debug.dim,
+                                      intermediate_size=debug.hidden_dim,
                                       num_hidden_layers=debug.n_layers, num_attention_heads=debug.n_heads,
                                       num_key_value_heads=debug.n_kv_heads, head_dim=debug.head_dim,
                                       max_position_embeddings=debug.max_seq_len, tie_word_embeddings=False)

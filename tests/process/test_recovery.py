@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from train_process import DEBUG_CONFIG, finish, launch
 
 from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 from recipes.run.outputs import CONFIG_HISTORY
-from train_process import DEBUG_CONFIG, finish, launch
 
 STEPS = 12
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
@@ -156,8 +156,8 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_
         console = finish(launch(env, tmp_path / "full.log", args), tmp_path / "full.log", IO_ERROR_EXIT_CODE)
         line = console.strip().splitlines()[-1]
         assert re.fullmatch(rf"error: checkpoint: cannot write {re.escape(str(out))}/checkpoints/\.tmp-step-\d+ "
-                            r"\(ENOSPC: No space left on device.*\); the newest complete checkpoint step-\d+ is intact; "
-                            r"free space or fix the disk, then rerun the same command to resume", line), line
+                            r"\(ENOSPC: No space left on device.*\); the newest complete checkpoint step-\d+ is "
+                            r"intact; free space or fix the disk, then rerun the same command to resume", line), line
         intact = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
         assert intact
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed

@@ -26,13 +26,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from train_process import DEBUG_CONFIG, finish, launch, worker_pids
 
 from recipes.checkpoint import MANIFEST, complete_checkpoints, load_model_weights
 from recipes.errors import NONFINITE_EXIT_CODE
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
-from recipes.run.runs import read_wandb_offline
-from train_process import DEBUG_CONFIG, finish, launch, worker_pids
+from recipes.run.runs import load_run
 
 STEPS = 16
 # The debug config shortened: 16 steps of 2 ranks x 2 rows x 64 tokens, a checkpoint every 4 steps, all kept.
@@ -241,7 +241,7 @@ def test_wandb_failures_leave_one_line_an_offline_run_and_every_metric(env, tmp_
     assert seconds(first_step) - seconds(line) <= 10, f"W&B held the start back:\n{line}\n{first_step}"
     assert logged_steps(out) == list(range(1, STEPS + 1))
     (offline,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    assert [row["step"] for row in read_wandb_offline(offline)] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in load_run(str(offline)).rows] == list(range(1, STEPS + 1))
     if failure == "server_error":  # only the recipe's probe: W&B itself never sat retrying the server
         assert failing_wandb_server.requests == ["POST /graphql"]
     # The API key reaches no log, config dump, metric or W&B file.

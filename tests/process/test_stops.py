@@ -8,9 +8,10 @@ import signal
 import time
 from pathlib import Path
 
+from train_process import DEBUG_CONFIG, finish, launch
+
 from recipes.checkpoint import complete_checkpoints
 from recipes.errors import PREEMPTED_EXIT_CODE
-from train_process import DEBUG_CONFIG, finish, launch
 
 # Steps of a few tenths of a second on 2 cores, so that two Ctrl-Cs 0.1 s apart land in the same step.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "400", "--training.seq_len", "256",

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 from recipes.config import load_config, to_toml
 from recipes.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 from recipes.run.outputs import check_output_dir
-from recipes.run.runs import read_metrics, read_wandb_offline
-from train_process import DEBUG_CONFIG, REPO, finish, launch
+from recipes.run.runs import load_run, read_metrics
 
 STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
@@ -109,7 +109,7 @@ def test_validation_loss_is_logged_at_the_interval(runs):
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(runs):
     (log_file,) = (runs["sdpa"] / "wandb").glob("offline-run-*/run-*.wandb")
     logged = {row["step"]: row for row in read_metrics(runs["sdpa"])}
-    read_back = read_wandb_offline(log_file)
+    read_back = load_run(str(log_file)).rows
     assert [row["step"] for row in read_back] == list(logged)
     for row in read_back:
         assert {"loss", "lr", "grad_norm"} <= row.keys()
@@ -154,7 +154,8 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
     cases = {
         "unknown_key": ([*RUN, "--training.stesp", "5"], "unknown key training.stesp; did you mean 'steps'?"),
         "wrong_type": (["--config", str(wrong_type)], "training.seq_len: expected int, got str '256'"),
-        "bad_backend": ([*RUN, "--model.attention", "flash"], "model.attention: 'flash' is not one of sdpa, flex, varlen"),
+        "bad_backend": ([*RUN, "--model.attention", "flash"],
+                        "model.attention: 'flash' is not one of sdpa, flex, varlen"),
     }
     started = {name: subprocess.Popen([sys.executable, "train.py", *args, "--job.output_dir", str(tmp_path / name)],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -182,29 +183,3 @@ def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
     with pytest.raises(UserError, match="is not empty and holds no run of this recipe"):
         check_output_dir(tmp_path, sdpa)
     assert check_output_dir(tmp_path / "new", sdpa) is None
-
-
-def test_a_resumed_run_drops_later_metrics_and_a_line_torn_by_a_crash(tmp_path):
-    from recipes.config import Config
-    from recipes.metrics import MetricsLogger
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": step, "loss": 9.0 - step}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo')
-    MetricsLogger(tmp_path, Config(), enabled=True, resume_step=2)
-    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
-
-
-def test_torn_lines_anywhere_are_dropped_on_resume_with_a_backup_and_one_warning(tmp_path, caplog):
-    from recipes.config import Config
-    from recipes.metrics import MetricsLogger
-
-    path = tmp_path / "metrics.jsonl"
-    rows = [json.dumps({"step": step, "loss": 9.0 - step}) + "\n" for step in range(1, 6)]
-    original = rows[0] + '{"step": 2, "lo\n' + rows[2] + "\x00\x00\x00\n" + rows[3] + rows[4]  # two torn lines
-    path.write_text(original)
-    with caplog.at_level("WARNING", logger="recipes.metrics"):
-        MetricsLogger(tmp_path, Config(), enabled=True, resume_step=4)
-    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 3, 4]
-    [backup] = tmp_path.glob("metrics.jsonl.torn-*")
-    assert backup.read_text() == original
-    assert caplog.text.count("torn line") == 1 and "2 torn line(s)" in caplog.text

@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-from torch.nn.attention.varlen import varlen_attn
-
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention.varlen import varlen_attn
 
 from recipes.qwen3 import attention, fa4
 from recipes.qwen3.attention import BACKENDS, MASKS, VarlenBackend, build_backend
@@ -83,16 +82,18 @@ def test_only_varlen_takes_a_kernel(backend_name, kernel):
         build_backend(backend_name, "causal", kernel)
 
 
-def test_varlen_kernel_fa4_on_cpu_still_runs_the_reference(packed_starts):
-    """CPU runs the reference whatever the kernel: asking for fa4 is not an error there, and changes nothing."""
+def test_varlen_kernel_fa4_on_cpu_still_runs_the_reference(packed_starts, reference_attention):
+    """CPU runs the reference whatever the kernel: asking for fa4 is not an error there, and the output is the
+    document-masked attention of the float64 reference written in conftest."""
     starts = packed_starts(SEQ)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, SEQ, heads, 64, generator=generator) for heads in (4, 2, 2))
-    outs = []
+    reference = reference_attention("document")
+    expected = reference(q, k, v, reference.attention_meta(starts), 0.125)
     for kernel in ("torch", "fa4"):
         backend = build_backend("varlen", "document", kernel)
-        outs.append(backend(q, k, v, backend.attention_meta(starts), 0.125))
-    assert torch.equal(outs[0], outs[1])
+        out = backend(q, k, v, backend.attention_meta(starts), 0.125)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=kernel)
     assert fa4.unavailable_reason(torch.device("cpu"))
 
 

@@ -61,7 +61,8 @@ def test_agreeing_runs_pass_and_write_png_and_json(three_backends, tmp_path, cap
     result = json.loads(table.read_text())
     assert result["passed"] is True
     assert [run["label"] for run in result["runs"]] == ["sdpa", "flex", "varlen"]
-    assert [(pair["a"], pair["b"]) for pair in result["pairs"]] == [("sdpa", "flex"), ("sdpa", "varlen"), ("flex", "varlen")]
+    pairs = [(pair["a"], pair["b"]) for pair in result["pairs"]]
+    assert pairs == [("sdpa", "flex"), ("sdpa", "varlen"), ("flex", "varlen")]
     sdpa_flex = result["pairs"][0]
     assert sdpa_flex["steps"] == 40
     assert sdpa_flex["max_abs_diff"] == pytest.approx(2e-7, rel=1e-3)
@@ -71,7 +72,8 @@ def test_agreeing_runs_pass_and_write_png_and_json(three_backends, tmp_path, cap
 
 def test_diverging_run_exits_1_and_windows_show_where(three_backends, tmp_path, capsys):
     # varlen drifts by 0.1 from step 21 on: only its two pairs fail, and only in the windows after step 20.
-    three_backends[2] = write_run(tmp_path / "qwen3_varlen_bad", "varlen", offset=lambda step: 0.1 if step > 20 else 0.0)
+    three_backends[2] = write_run(tmp_path / "qwen3_varlen_bad", "varlen",
+                                  offset=lambda step: 0.1 if step > 20 else 0.0)
     table = tmp_path / "diverge.json"
     code = compare_main([*map(str, three_backends), "--tolerance", "0.05", "--window", "10",
                          "--png", str(tmp_path / "diverge.png"), "--json", str(table)])
@@ -82,7 +84,8 @@ def test_diverging_run_exits_1_and_windows_show_where(three_backends, tmp_path, 
     sdpa_varlen = result["pairs"][1]
     assert sdpa_varlen["max_abs_diff"] == pytest.approx(0.1)
     assert sdpa_varlen["max_at_step"] > 20
-    assert [(w["first_step"], w["last_step"]) for w in sdpa_varlen["windows"]] == [(1, 10), (11, 20), (21, 30), (31, 40)]
+    windows = [(w["first_step"], w["last_step"]) for w in sdpa_varlen["windows"]]
+    assert windows == [(1, 10), (11, 20), (21, 30), (31, 40)]
     assert [w["max_abs_diff"] > 0.05 for w in sdpa_varlen["windows"]] == [False, False, True, True]
     assert "21-30" in out and "1.00e-01*" in out
     assert "exceeds tolerance: sdpa vs varlen, flex vs varlen" in out
@@ -90,7 +93,8 @@ def test_diverging_run_exits_1_and_windows_show_where(three_backends, tmp_path, 
 
 @pytest.mark.parametrize("steps, expected", [
     (range(1, 41), [(s, s + 3, 4) for s in range(1, 41, 4)]),  # ten windows
-    (range(5, 101, 5), [(s, min(s + 9, 100), 2) for s in range(5, 101, 10)]),  # log_every 5: each window holds whole intervals
+    # log_every 5: each window holds whole intervals
+    (range(5, 101, 5), [(s, min(s + 9, 100), 2) for s in range(5, 101, 10)]),
 ])
 def test_default_windows_cover_the_run_in_ten(tmp_path, steps, expected):
     runs = [write_run(tmp_path / name, name, steps=steps) for name in ("sdpa", "flex")]

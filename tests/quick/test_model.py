@@ -170,6 +170,10 @@ def test_activation_checkpointing_modes_give_the_same_loss_and_gradients(packed_
         labels = tokens.roll(-1, dims=1)
         loss = model(tokens, model.attention_meta(starts), labels)
         loss.backward()
+        names = [name for name, _ in model.named_parameters()]
+        # equal results prove nothing unless the blocks really are wrapped (and recompute in backward)
+        assert sum("._checkpoint_wrapped_module" in name for name in names) == (0 if mode == "none" else len(
+            [name for name in names if name.startswith("layers.")])), mode
         results[mode] = loss.detach(), {name.replace("._checkpoint_wrapped_module", ""): p.grad
                                          for name, p in model.named_parameters()}
     loss, grads = results["none"]
