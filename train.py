@@ -101,8 +101,9 @@ def main(argv: list[str]) -> int:
             saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
             resume = startup.resume_point(output_dir, config, saved)  # a load_step without its checkpoint: refused
             folder, step, superseded = resume
-            if step == config.training.steps and not superseded:
-                log.info(finished_line(output_dir, folder))  # nothing to train: no config.toml write, no W&B run
+            if step == config.training.steps and not superseded:  # nothing to train: no config.toml, no W&B run
+                checkpoint.check_readable(folder)  # but a damaged last checkpoint is said, not "finished"
+                log.info(finished_line(output_dir, folder))
                 return 0
             return train(config, dist_, output_dir, saved, resume, preemption)
     finally:

@@ -241,7 +241,7 @@ CASES = {
     "checkpoint_metadata_missing": Case(copy_of_the_run(change=step_2(lambda folder: (folder / ".metadata").unlink())),
                                         CHECKSUM.format(r"\.metadata", "is missing")),
     "checkpoint_of_another_model": Case(
-        copy_of_the_run("--model.flavor", "small", change=another_flavor_in_the_folder_config),
+        copy_of_the_run("--model.flavor", "small", "--training.steps", "3", change=another_flavor_in_the_folder_config),
         CHECKPOINT.format(r"ValueError: Size mismatch between saved torch\.Size\(\[2048, 128\]\) and current: "
                           r"torch\.Size\(\[8192, 512\]\) for model\.tok_embeddings\.weight")),
 }
