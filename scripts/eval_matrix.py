@@ -84,10 +84,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "tolerance": tolerance, "rows": rows}, indent=1))
     spreads = [max(r["losses"][b] for b in BACKENDS) - min(r["losses"][b] for b in BACKENDS) for r in rows]
     agree = max(spreads) <= tolerance
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "tolerance": tolerance, "max_spread": max(spreads),
+                                         "agree": agree, "rows": rows}, indent=1))
     print(f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
           f"tolerance {tolerance:.0e})")
     return 0 if agree else 1

@@ -66,7 +66,7 @@ def build_report(entity: str, project: str, group: str, name: str):
         description=f"Runs of group {group}: the same config on each attention backend.",
         blocks=[
             reports.P("Curves that lie on top of each other agree; scripts/compare_runs.py gives the numbers "
-                      "(max and mean |Δloss| per pair against a measured tolerance)."),
+                      "(per pair, against the spread of a repeat) and tags each run proof:AGREE or proof:DISAGREE."),
             reports.PanelGrid(runsets=[runs], panels=line_plots(reports)),
         ],
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes import checkpoint
@@ -26,6 +26,7 @@ class Run:
     label: str  # what plots and tables call the run: its attention backend where known
     source: str  # the argument it was read from
     rows: list[dict]
+    config: dict = field(default_factory=dict)  # {section: {key: value}} as the run recorded it; {} if it did not
 
 
 def open_run(run_dir: Path, step: int | None) -> tuple[Config, Path]:
@@ -106,6 +107,19 @@ def _history_rows(records: list[dict]) -> list[dict]:
     return _by_step(rows)
 
 
+def read_wandb_summary(path: str | Path) -> tuple[dict, list[str]]:
+    """The summary (W&B's own "_" keys dropped) and tags of an offline W&B run, given its offline-run-* folder or
+    its run-*.wandb file: the last value written for each key, the last tags set."""
+    summary, tags = {}, []
+    for record in _wandb_records(_wandb_log_file(Path(path))):
+        if record.get("type") == "summary":
+            summary.update({key: value for key, value in record["summary"].get("update", {}).items()
+                            if not key.startswith("_")})
+        elif record.get("type") == "run" and record["run"].get("tags") is not None:
+            tags = record["run"]["tags"]
+    return summary, tags
+
+
 def _wandb_log_file(path: Path) -> Path:
     if path.is_file() and path.suffix == ".wandb":
         return path
@@ -151,12 +165,12 @@ def _attention(config: dict) -> str | None:
     return attention if isinstance(attention, str) and attention else None
 
 
-def _config_toml_attention(run_dir: Path) -> str | None:
+def _config_toml(run_dir: Path) -> dict:
     path = run_dir / "config.toml"
     if not path.is_file():
-        return None
+        return {}
     try:
-        return _attention(tomllib.loads(path.read_text()))
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error}); fix it or remove it") from None
 
@@ -166,17 +180,20 @@ def load_run(source: str) -> Run:
     "wandb:ENTITY/PROJECT/RUN_ID", labelled by its [model] attention where the run records it."""
     if source.startswith(WANDB_API_PREFIX):
         api_run, rows = _fetch_wandb_api(source[len(WANDB_API_PREFIX):])
-        return Run(_attention(dict(api_run.config)) or api_run.name, source, rows)
+        config = dict(api_run.config)
+        return Run(_attention(config) or api_run.name, source, rows, config)
     path = Path(source)
     if not path.exists():
         raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or "
                         "wandb:ENTITY/PROJECT/RUN_ID")
     if path.is_dir() and (path / "metrics.jsonl").is_file():
-        return Run(_config_toml_attention(path) or path.resolve().name, source, read_metrics(path))
+        config = _config_toml(path)
+        return Run(_attention(config) or path.resolve().name, source, read_metrics(path), config)
     if path.suffix == ".wandb" or (path.is_dir() and any(path.glob("run-*.wandb"))):
         records = _wandb_records(_wandb_log_file(path))
         run_record = next((record["run"] for record in records if record.get("type") == "run"), {})
-        label = _attention(_wandb_config(records)) or run_record.get("display_name") or path.resolve().name
-        return Run(label, source, _history_rows(records))
+        config = _wandb_config(records)
+        label = _attention(config) or run_record.get("display_name") or path.resolve().name
+        return Run(label, source, _history_rows(records), config)
     raise UserError(f"{source}: neither metrics.jsonl nor a run-*.wandb file there; "
                     "pass a train.py output dir, a wandb/offline-run-* folder or wandb:ENTITY/PROJECT/RUN_ID")

@@ -1,9 +1,11 @@
-"""train.py with torchtitan 0.2.1's varlen layout mistake injected into the model it builds: the run "from the
-mutated model" that the comparison checks must reject. Test-only; a training config cannot reach the mutation.
+"""train.py with a deliberate attention bug injected into the model it builds: a run "from a broken backend" that
+the comparison checks must reject. Test-only; a training config cannot reach the mutations.
 
-    python tests/process/train_mutated.py --config configs/qwen3_varlen.toml [--section.key value ...]
+    python tests/process/train_mutated.py MUTATION --config configs/qwen3_varlen.toml [--section.key value ...]
 
-Same arguments, seed, data and outputs as train.py; only each layer's varlen attention output is permuted.
+MUTATION is one of recipes.qwen3.mutation.MUTATIONS: layout (torchtitan 0.2.1's varlen output layout; varlen
+only), leak (the document mask leaks across documents), scale (the softmax scale applied twice). Same arguments,
+seed, data and outputs as train.py; only the attention is broken.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: f
 
 import train  # noqa: E402
 from recipes import build  # noqa: E402
-from recipes.qwen3.mutation import inject_varlen_layout_mistake  # noqa: E402
+from recipes.qwen3.mutation import MUTATIONS  # noqa: E402
 
 build_correct_model = build.build_model
 
 
-def build_mutated_model(*args, **kwargs):
-    return inject_varlen_layout_mistake(build_correct_model(*args, **kwargs))
-
-
 if __name__ == "__main__":
-    build.build_model = build_mutated_model  # train.py looks the builder up at call time
-    sys.exit(train.main(sys.argv[1:]))
+    if len(sys.argv) < 2 or sys.argv[1] not in MUTATIONS:
+        print(f"usage: train_mutated.py {{{','.join(MUTATIONS)}}} --config FILE [--section.key value ...]",
+              file=sys.stderr)
+        sys.exit(2)
+    inject = MUTATIONS[sys.argv[1]]
+    # train.py looks the builder up at call time
+    build.build_model = lambda *args, **kwargs: inject(build_correct_model(*args, **kwargs))
+    sys.exit(train.main(sys.argv[2:]))

@@ -109,18 +109,21 @@ def test_backend_array_then_comparison(slurm_cluster, tmp_path):
     result = slurm_cluster.command("slurm/submit_backends.sh", "--time=20", "--", *CPU_BACKEND_OVERRIDES, cwd=REPO,
                                    env={**JOB_ENV, "RUNS_DIR": str(tmp_path), "RUN_GROUP": group})
     array_job = re.search(r"job array (\d+)", result.stdout).group(1)
+    repeat_job = re.search(r"repeat: +job (\d+)", result.stdout).group(1)
     compare_job = re.search(r"comparison: job (\d+)", result.stdout).group(1)
     group_dir = tmp_path / group
 
-    compare = slurm_cluster.wait_until_finished(compare_job, 3 * JOB_TIMEOUT_S)
-    tasks = [slurm_cluster.job(f"{array_job}_{task}") for task in range(3)]
+    compare = slurm_cluster.wait_until_finished(compare_job, 4 * JOB_TIMEOUT_S)
+    tasks = [slurm_cluster.job(f"{array_job}_{task}") for task in range(3)] + [slurm_cluster.job(repeat_job)]
     compare_log = (group_dir / f"qwen3-compare-{compare_job}.log").read_text()
-    for task, fields in enumerate(tasks):
+    for task, fields in enumerate(tasks[:3]):
         task_log = group_dir / f"qwen3-backends-{array_job}_{task}.log"
         assert fields["JobState"] == "COMPLETED", task_log.read_text()
+    assert tasks[3]["JobState"] == "COMPLETED", (group_dir / f"qwen3-repeat-{repeat_job}.log").read_text()
     assert compare["JobState"] == "COMPLETED", compare_log
-    assert "result: all 3 pairs agree" in compare_log
-    assert (group_dir / "compare.png").is_file()
+    # The repeat (sdpa twice) calibrates the verdict: 4 runs, 6 pairs, one of them the repeat.
+    assert "AGREE: all 6 pairs within tolerance (floor from sdpa (qwen3_sdpa) vs sdpa (qwen3_sdpa_repeat))" in compare_log
+    assert (group_dir / "compare.png").is_file() and json.loads((group_dir / "compare.json").read_text())["calibrated"]
     # afterok: the comparison started only after every training task had ended.
     assert (datetime.fromisoformat(compare["StartTime"])
             >= max(datetime.fromisoformat(fields["EndTime"]) for fields in tasks))
