@@ -206,16 +206,19 @@ def markdown(results: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (the real Qwen3 one)")
-    parser.add_argument("--flavor", default="0.6B")
-    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
-    parser.add_argument("--torchtitan", nargs="*", default=DEFAULT_TORCHTITAN, help="cases for the baseline; 'none'")
-    parser.add_argument("--gqa-memory", action="store_true")
+    parser.add_argument("--flavor", default="0.6B", help="model flavor of every case without f=FLAVOR")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, metavar="CASE",
+                        help="recipe cases, BACKEND-MASK-SEQ-MODE[-OPTION...] (default: %(default)s)")
+    parser.add_argument("--torchtitan", nargs="*", default=DEFAULT_TORCHTITAN, metavar="CASE",
+                        help="cases for torchtitan's own Trainer, or 'none' (default: %(default)s)")
+    parser.add_argument("--gqa-memory", action="store_true",
+                        help="also measure attention memory with GQA in the kernel against K/V repeated")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per case")
     parser.add_argument("--profile", nargs="*", default=[], help="cases to run with [metrics] profile")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=25, help="training steps per case")
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compile, warm-up)")
-    parser.add_argument("--case-timeout", type=int, default=240)
-    parser.add_argument("--work", default="/tmp/benchmark")
+    parser.add_argument("--case-timeout", type=int, default=240, help="seconds before a case is stopped")
+    parser.add_argument("--work", default="/tmp/benchmark", help="scratch folder for the runs and their logs")
     parser.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md")
     args = parser.parse_args()
     work = Path(args.work)

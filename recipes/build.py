@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from recipes.config import Config, TrainingConfig, expand_path
@@ -39,10 +40,12 @@ def check_fits(shape, seq_len: int, tokenizer) -> None:
                         "(data.vocab_size for the default one)")
 
 
-def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device) -> Qwen3Model:
-    """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2, and only
-    then materialised, so each rank allocates its shards alone; weights from training.seed (identical to an
-    unsharded init, whatever the world size) or from the HF checkpoint `init_from`, read shard by shard."""
+def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device,
+                mesh: DeviceMesh | None = None) -> Qwen3Model:
+    """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2 (over every
+    rank, or HSDP over `mesh`), and only then materialised, so each rank allocates its shards alone; weights from
+    training.seed (identical to an unsharded init, whatever the world size and layout) or from the HF checkpoint
+    `init_from`, read shard by shard."""
     with torch.device("meta"):
         model = Qwen3Model(shape)
     if training.float8:
@@ -51,7 +54,7 @@ def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, de
         apply_activation_checkpointing(model, training.activation_checkpoint)
     if training.compile:
         apply_compile(model)
-    apply_fsdp(model, getattr(torch, training.dtype))
+    apply_fsdp(model, getattr(torch, training.dtype), mesh)
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
     if init_from:
@@ -91,8 +94,9 @@ def apply_compile(model: torch.nn.Module) -> None:
         block.compile(fullgraph=True)
 
 
-def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype) -> None:
-    """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head).
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMesh | None = None) -> None:
+    """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head). With a 2-D
+    (replicate, shard) mesh it is HSDP: parameters sharded within a replica, gradients reduced across replicas.
 
     Tied embeddings stay in the root unit with the output head: wrapping tok_embeddings as its own unit would
     split one parameter across two FSDP groups, which torch >= 2.13 refuses.
@@ -103,8 +107,8 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype) -> None:
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -321,7 +321,8 @@ def _unloadable(folder: Path, reason: str) -> UserError:
                      f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir")
 
 
-def _read_train_state(folder: Path) -> dict:
+def _read_train_state(folder: Path, steps: int | None = None) -> dict:
+    """train_state.json, checked field by field; with `steps` (training.steps), a step beyond it is refused."""
     try:
         state = json.loads((folder / TRAIN_STATE).read_text())
         missing = {"step", "scheduler", "data", "rng"} - set(state)
@@ -343,6 +344,9 @@ def _read_train_state(folder: Path) -> dict:
         if not ok:
             raise _unloadable(folder, f"{TRAIN_STATE}: field {field!r} holds {str(state[field])[:60]!r}, not what "
                                       "this recipe writes")
+    if steps is not None and state["step"] > steps:
+        raise UserError(f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
+                        f"to at least {state['step']} to continue this run (nothing was changed)")
     return state
 
 
@@ -371,20 +375,28 @@ def verify(folder: Path) -> None:
                         f"(the next resume then loads the one before); {before}")
 
 
-def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> int:
-    """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none).
-    Refuses one beyond `steps` (training.steps) before touching anything."""
+def resume_point(root: Path, load_step: int, applied: bool) -> tuple[Path | None, int, list[Path]]:
+    """The checkpoint a resume loads, its step (None and 0: start afresh) and the later ones it leaves behind: the
+    newest and none; or with [checkpoint] load_step, unless that was applied already, that step's and every one
+    after it. A UserError, before anything is touched, if that step has no complete checkpoint."""
     foreign = foreign_names(root)
     if foreign:
         log.warning("%s also holds %s, not named by this recipe: never loaded nor pruned", root, ", ".join(foreign))
-    checkpoints = complete_checkpoints(root)
-    if not checkpoints:
-        return 0
-    folder = checkpoints[-1]
-    state = _read_train_state(folder)
-    if state["step"] > steps:
-        raise UserError(f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
-                        f"to at least {state['step']} to continue this run (nothing was changed)")
+    folders = complete_checkpoints(root)
+    if not load_step or applied:
+        return (folders[-1], _step_of(folders[-1]), []) if folders else (None, 0, [])
+    chosen = [folder for folder in folders if _step_of(folder) == load_step]
+    if not chosen:
+        there = ", ".join(str(_step_of(folder)) for folder in folders) or "none yet"
+        raise UserError(f"checkpoint.load_step: {root} has no complete checkpoint of step {load_step} (steps there: "
+                        f"{there}); pick one of them, or 0 for the newest")
+    return chosen[0], load_step, [folder for folder in folders if _step_of(folder) > load_step]
+
+
+def load(folder: Path, model, optimizer, scheduler, loader, steps: int) -> int:
+    """Loads the checkpoint `folder` into the live objects; returns its step. Refuses one beyond `steps`
+    (training.steps) before touching anything."""
+    state = _read_train_state(folder, steps)
     verify(folder)
     model_state, optim_state = get_state_dict(model, optimizer)
     _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
@@ -396,10 +408,10 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
     return state["step"]
 
 
-def check_readable(folder: Path) -> None:
-    """A UserError now if the checkpoint's train state or DCP index cannot be read or a file does not match its
-    checksum (before any long work)."""
-    _read_train_state(folder)
+def check_readable(folder: Path, steps: int | None = None) -> None:
+    """A UserError now if the checkpoint's train state or DCP index cannot be read, a file does not match its
+    checksum, or (given training.steps) its step is beyond them (before any long work)."""
+    _read_train_state(folder, steps)
     verify(folder)
     try:
         _DataOnlyReader(folder).read_metadata()

@@ -11,23 +11,21 @@ disagree beyond --tolerance, 2 on bad input.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data
-from recipes.build import model_shape
+from recipes import data
 from recipes.cli import ArgumentParser, nonnegative_float, positive_int
 from recipes.config import Config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
 from recipes.qwen3.attention import BACKENDS
-from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
 from recipes.run.runs import open_run
+from recipes.trained import load_model, load_tokenizer
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the
@@ -36,19 +34,15 @@ TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
 
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
-    cache_dir = data.default_cache_dir()
-    tokenizer = data.build_tokenizer(config.data, cache_dir)
+    tokenizer = load_tokenizer(config)
     loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
-                                   config.training.seed, cache_dir, heldout=True)
+                                   config.training.seed, data.default_cache_dir(), heldout=True)
     batches = [next(loader) for _ in range(args.batches)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # varlen's CUDA kernel needs 16-bit inputs
     columns = list(BACKENDS) + ([MUTATION] if args.mutation else [])
     losses = {}
     for column in columns:
-        attention = "varlen" if column == MUTATION else column
-        shape = model_shape(config, tokenizer.eos_id)
-        model = Qwen3Model(dataclasses.replace(shape, attention=attention, kernel="auto"))
-        checkpoint.load_model_weights(folder, model)
+        model = load_model(config, folder, tokenizer, attention="varlen" if column == MUTATION else column)
         if column == MUTATION:
             inject_varlen_layout_mistake(model)
         model.to(device=device, dtype=dtype).eval()
@@ -69,7 +63,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="job.output_dir of a train.py run (config.toml and checkpoints/); one row each")
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
     parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="rows per held-out batch")

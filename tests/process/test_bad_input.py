@@ -244,7 +244,7 @@ CASES = {
     "checkpoint_metadata_missing": Case(copy_of_the_run(change=step_2(lambda folder: (folder / ".metadata").unlink())),
                                         CHECKSUM.format(r"\.metadata", "is missing")),
     "checkpoint_of_another_model": Case(
-        copy_of_the_run("--model.flavor", "small", change=another_flavor_in_the_folder_config),
+        copy_of_the_run("--model.flavor", "small", "--training.steps", "3", change=another_flavor_in_the_folder_config),
         CHECKPOINT.format(r"ValueError: Size mismatch between saved torch\.Size\(\[2048, 128\]\) and current: "
                           r"torch\.Size\(\[8192, 512\]\) for model\.tok_embeddings\.weight")),
 }
@@ -321,8 +321,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, name):
 def test_resuming_on_another_world_size_is_refused(env, base_run, tmp_path):
     """The token stream does not depend on the world size, but the global batch does: a checkpoint written with
     1 rank x 2 rows, resumed by 2 ranks x 2 rows, would continue a different run. Every rank refuses; rank 0 prints
-    the line, and torchrun (exit 1) adds its own summary, with no traceback from the recipe."""
-    case = Case(copy_of_the_run(), r"world size x training\.local_batch_size: the checkpoint's data stream was made "
+    the line, and torchrun (exit 1) adds its own summary, with no traceback from the recipe. One step more than the
+    finished run, so that the checkpoint is loaded (a finished run's rerun loads nothing)."""
+    case = Case(copy_of_the_run("--training.steps", "3"), r"world size x training\.local_batch_size: the checkpoint's data stream was made "
                                    r"with 2, this run has 4; resume with the same setting, or use a new "
                                    r"job\.output_dir")
     outcome = run_case(env, base_run, tmp_path / "case", case, nproc=2)

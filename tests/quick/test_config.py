@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import Config, load_config, parse_overrides, to_toml, tomllib
+from recipes.config import Config, keys_help, load_config, parse_overrides, to_toml, tomllib
 from recipes.errors import UserError
 from recipes.run.outputs import DEFINES_RUN, MAY_CHANGE, config_keys
 
@@ -214,16 +214,43 @@ def test_every_config_key_is_classified_for_resume_exactly_once():
     assert (DEFINES_RUN | MAY_CHANGE) - keys == set(), "these are no config keys any more"
 
 
-def test_every_config_key_is_documented():
-    """docs/config.md has a table row for every key, under its section's heading."""
-    text = (CONFIGS.parent / "docs" / "config.md").read_text()
-    sections = {}
+def _documented_keys() -> dict[str, tuple[str, str]]:
+    """{"section.key": (type, default)} from the tables of docs/config.md, each under its section's heading."""
+    text = (REPO / "docs" / "config.md").read_text()
+    rows = {}
     for part in text.split("\n## [")[1:]:
-        name, _, body = part.partition("]")
-        sections[name] = body.split("\n## ")[0]
-    for key in config_keys(Config()):
-        section, name = key.split(".")
-        assert f"| `{name}` |" in sections.get(section, ""), f"docs/config.md: no row for {key} under [{section}]"
+        section, _, body = part.partition("]")
+        for line in body.split("\n## ")[0].splitlines():
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if len(cells) >= 4 and cells[0].startswith("`") and cells[0] != "`key`":
+                rows[f"{section}.{cells[0].strip('`')}"] = (cells[1], cells[2].strip("`"))
+    return rows
+
+
+def test_help_and_docs_list_the_same_keys_with_the_same_types_and_defaults():
+    """train.py --help is generated from the dataclasses (keys_help); docs/config.md must say the same: every key,
+    no key that is gone, and the same type and default (compared as TOML values, so 3e-4 equals 0.0003)."""
+    documented = _documented_keys()
+    in_help = {f"{section}.{key}": (type_, default) for section, key, type_, default, _ in keys_help()}
+    assert set(in_help) - set(documented) == set(), "add a row to docs/config.md for these"
+    assert set(documented) - set(in_help) == set(), "docs/config.md documents keys that do not exist"
+    for key, (type_, default) in in_help.items():
+        doc_type, doc_default = documented[key]
+        assert doc_type == type_, f"docs/config.md: {key} is {type_}, not {doc_type}"
+        parse = lambda text: tomllib.loads(f"v = {text}")["v"]
+        assert parse(doc_default) == parse(default), f"docs/config.md: {key} defaults to {default}, not {doc_default}"
+
+
+def test_help_lists_every_key_with_its_line_and_the_override_syntax(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--help"])
+    assert stopped.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--section.key VALUE" in help_text and "--training.steps 50" in help_text
+    for section, key, type_, default, line in keys_help():
+        assert f"--{section}.{key} {type_.upper()} (default {default})\n      {line}\n" in help_text + "\n"
 
 
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
