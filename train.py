@@ -77,28 +77,43 @@ class PreemptionFlag:
 def setup_logging(dist_: parallel.Distributed) -> None:
     # Libraries (torchtitan logs to the root logger, torch warns through `warnings`) say the same on every rank:
     # rank 0 says it once; the other ranks keep only the recipe's own warnings.
-    logging.basicConfig(level=logging.INFO if dist_.is_main else logging.ERROR,
-                        format=f"%(asctime)s [rank{dist_.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if dist_.is_main else logging.ERROR,
+        format=f"%(asctime)s [rank{dist_.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     if not dist_.is_main:
         logging.captureWarnings(True)
         for name in ("train", "recipes"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    if (dist_.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))):
+    if (
+        dist_.is_main
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    ):
         # torchrun then keeps one store across restarts, and what a killed attempt left there can send the
         # restarted ranks to dead peers' ports (pytorch/pytorch#135712).
-        log.warning("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
-                    "restart may fail to connect its ranks")
+        log.warning(
+            "torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
+            "restart may fail to connect its ranks"
+        )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=OVERRIDES_HELP + config_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --config FILE [--dry-run] [--section.key VALUE ...]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=OVERRIDES_HELP + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --config FILE [--dry-run] [--section.key VALUE ...]",
+    )
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/qwen3_debug.toml")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, data, tokenizer, model shape and output folder, print what the run "
-                             "would do, and write nothing into the output folder")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data, tokenizer, model shape and output folder, print what the run "
+        "would do, and write nothing into the output folder",
+    )
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     dist_ = parallel.init_distributed()
@@ -131,11 +146,20 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
 
     tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
     with timed("model: building"):
-        model = build.build_model(shape, t, config.model.init_from, device,
-                                  parallel.device_mesh(config.parallel.replicate, device))
-    log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
-             config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
-             tokenizer.name, dist_.world_size, device.type)
+        model = build.build_model(
+            shape, t, config.model.init_from, device, parallel.device_mesh(config.parallel.replicate, device)
+        )
+    log.info(
+        "model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
+        config.run_name,
+        model.num_params() / 1e6,
+        shape.attention,
+        shape.mask,
+        config.data.dataset,
+        tokenizer.name,
+        dist_.world_size,
+        device.type,
+    )
     optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
     checkpoints = output_dir / "checkpoints"
     folder, _, superseded = resume
@@ -144,8 +168,9 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
         optim.apply_settings(optimizer, scheduler, config.optimizer)
     # Every input, the checkpoint included, is checked: from here on the run writes, config.toml first.
     changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, superseded)
-    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed,
-                            on_cpu=device.type == "cpu")
+    metrics = MetricsLogger(
+        output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed, on_cpu=device.type == "cpu"
+    )
     peak = peak_flops(device)
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
@@ -153,13 +178,20 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
     def stop_preempted(last_step: int, abandoned: str = "") -> int:
         if config.checkpoint.enable:
             checkpoint.save(checkpoints, last_step, model, optimizer, scheduler, loader, config.checkpoint.keep)
-        log.warning("preempted (%s) at step %d%s: %s", preemption.signal_name or "signal on another rank", last_step,
-                    abandoned, "checkpoint saved; run again to continue" if config.checkpoint.enable
-                    else "checkpoint.enable=false, so nothing was saved")
+        log.warning(
+            "preempted (%s) at step %d%s: %s",
+            preemption.signal_name or "signal on another rank",
+            last_step,
+            abandoned,
+            "checkpoint saved; run again to continue"
+            if config.checkpoint.enable
+            else "checkpoint.enable=false, so nothing was saved",
+        )
         return PREEMPTED_EXIT_CODE
 
-    log.info("training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1,
-             t.steps)
+    log.info(
+        "training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1, t.steps
+    )
     train_start = time.perf_counter()
     step, long_steps = start_step, False
     try:
@@ -168,12 +200,24 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
             batch = next(loader)
             throughput.add(batch)
             try:
-                loss, grad_norm, preempted, seconds = train_step(model, batch, optimizer, scheduler, step, t, device,
-                                                                 preemption, agree_between_micro_batches=long_steps)
+                loss, grad_norm, preempted, seconds = train_step(
+                    model,
+                    batch,
+                    optimizer,
+                    scheduler,
+                    step,
+                    t,
+                    device,
+                    preemption,
+                    agree_between_micro_batches=long_steps,
+                )
             except StepAbandoned:
                 loader.load_state_dict(position)  # the resumed run starts with this step's batch
-                return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of the "
-                                                f"{KILL_GRACE_S:.0f} s before SIGKILL)")
+                return stop_preempted(
+                    step - 1,
+                    f" (step {step} abandoned: steps take longer than a third of the "
+                    f"{KILL_GRACE_S:.0f} s before SIGKILL)",
+                )
             long_steps = seconds > KILL_GRACE_S / 3
             if step == start_step + 1:
                 log.info("first step: done in %.1f s", time.perf_counter() - train_start)
@@ -184,10 +228,16 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
             evaluate = config.eval.interval and (step % config.eval.interval == 0 or last)
             sample = config.eval.sample_every and step % config.eval.sample_every == 0
             if step % config.metrics.log_every == 0 or last or preempted or evaluate or sample:
-                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       **throughput.rates(peak), "peak_memory_gib": peak_memory_gib(device),
-                       "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
-                       "elapsed_s": time.perf_counter() - train_start}
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    **throughput.rates(peak),
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
+                    "elapsed_s": time.perf_counter() - train_start,
+                }
                 if evaluate:
                     row["val_loss"] = validation_loss(model, heldout, device, t.local_batch_size // t.grad_accum_steps)
                     throughput.reset()  # the evaluation's time belongs to no training step
@@ -207,8 +257,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
             if dist_.is_main:
                 with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
                     export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
-        log.info(metrics.summary(start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None,
-                                 output_dir))
+        log.info(
+            metrics.summary(
+                start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None, output_dir
+            )
+        )
         return 0
     finally:
         if profiler is not None:
@@ -216,8 +269,17 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
         metrics.close()
 
 
-def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device, preemption: PreemptionFlag,
-               agree_between_micro_batches: bool) -> tuple[float, float, bool, float]:
+def train_step(
+    model,
+    batch,
+    optimizer,
+    scheduler,
+    step: int,
+    t,
+    device: torch.device,
+    preemption: PreemptionFlag,
+    agree_between_micro_batches: bool,
+) -> tuple[float, float, bool, float]:
     """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
     (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
     finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, whether
@@ -238,12 +300,15 @@ def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.d
         loss_sum += loss.detach()
     grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
     loss_value, grad_norm_value, preempted, seconds = parallel.step_stats(
-        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
+        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start
+    )
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
         message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
         if not t.skip_nonfinite:
-            raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
-                                           "training.skip_nonfinite=true to skip such steps")
+            raise NonFiniteError(
+                message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
+                "training.skip_nonfinite=true to skip such steps"
+            )
         log.warning("%s: step skipped (training.skip_nonfinite)", message)
     else:
         optimizer.step()

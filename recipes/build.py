@@ -35,13 +35,16 @@ def check_fits(shape, seq_len: int, tokenizer) -> None:
     if seq_len > shape.max_seq_len:
         raise UserError(f"training.seq_len: {seq_len} exceeds the model's max_seq_len {shape.max_seq_len}; lower it")
     if tokenizer.vocab_size > shape.vocab_size:
-        raise UserError(f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
-                        f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
-                        "(data.vocab_size for the default one)")
+        raise UserError(
+            f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
+            f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
+            "(data.vocab_size for the default one)"
+        )
 
 
-def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device,
-                mesh: DeviceMesh | None = None) -> Qwen3Model:
+def build_model(
+    shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device, mesh: DeviceMesh | None = None
+) -> Qwen3Model:
     """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2 (over every
     rank, or HSDP over `mesh`), and only then materialised, so each rank allocates its shards alone; weights from
     training.seed (identical to an unsharded init, whatever the world size and layout) or from the HF checkpoint
@@ -70,8 +73,12 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     from torchtitan.config.job_config import ActivationCheckpoint
     from torchtitan.distributed.activation_checkpoint import apply_ac
 
-    save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default,  # the latter: training.float8
-            torch.ops._c10d_functional.reduce_scatter_tensor.default, *ATTENTION_OPS}
+    save = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten._scaled_mm.default,  # the latter: training.float8
+        torch.ops._c10d_functional.reduce_scatter_tensor.default,
+        *ATTENTION_OPS,
+    }
     apply_ac(model, ActivationCheckpoint(mode=mode, selective_ac_option="op"), op_sac_save_list=save)
 
 
@@ -82,10 +89,15 @@ def apply_float8(blocks: torch.nn.Module) -> None:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
-        raise UserError(f"training.float8: torchao does not import ({error}); pip install '.[float8]' (torchao 0.18), "
-                        "or set training.float8 = false") from None
-    convert_to_float8_training(blocks, config=Float8LinearConfig.from_recipe_name("tensorwise"),
-                               module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+        raise UserError(
+            f"training.float8: torchao does not import ({error}); pip install '.[float8]' (torchao 0.18), "
+            "or set training.float8 = false"
+        ) from None
+    convert_to_float8_training(
+        blocks,
+        config=Float8LinearConfig.from_recipe_name("tensorwise"),
+        module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear),
+    )
 
 
 def apply_compile(model: torch.nn.Module) -> None:

@@ -38,7 +38,7 @@ class ModelConfig:
     flavor: str = key("debug", "model shape: debug, small, 0.6B, 1.7B, 4B, 8B, 14B, 32B (ignored with init_from)")
     attention: str = key("sdpa", "attention backend: sdpa | flex | varlen")
     mask: str = key(Qwen3Config.mask, "document: causal within each packed document; causal: across the whole row")
-    init_from: str = key("", "HF Qwen3 checkpoint folder to start from (sets the shape); \"\" = random init")
+    init_from: str = key("", 'HF Qwen3 checkpoint folder to start from (sets the shape); "" = random init')
     kernel: str = key("auto", "varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (FlashAttention-4)")
 
 
@@ -60,8 +60,11 @@ class TrainingConfig:
 
 @dataclass
 class ParallelConfig:
-    replicate: int = key(1, "HSDP replicas (FSDP shards within each, gradients all-reduced across them); 1 = plain "
-                            "FSDP; 0 = one replica per node")
+    replicate: int = key(
+        1,
+        "HSDP replicas (FSDP shards within each, gradients all-reduced across them); 1 = plain "
+        "FSDP; 0 = one replica per node",
+    )
 
 
 @dataclass
@@ -84,7 +87,7 @@ class DataConfig:
     text_field: str = key("text", "the record field holding the text")
     tokenizer: str = key("default", "default (BPE trained on stdlib, cached), a tokenizer.json, a folder or a hub id")
     vocab_size: int = key(2048, "size of the default BPE tokenizer")
-    eos_token: str = key("", "token that ends each document; \"\" = the tokenizer's own end-of-text token")
+    eos_token: str = key("", 'token that ends each document; "" = the tokenizer\'s own end-of-text token')
     mask_boundary_loss: bool = key(False, "ignore the label that predicts the next document's first token")
 
 
@@ -109,7 +112,7 @@ class CheckpointConfig:
 @dataclass
 class JobConfig:
     output_dir: str = key("outputs/run", "the run's folder (config.toml, metrics.jsonl, checkpoints/, ...)")
-    name: str = key("", "run name in logs and W&B; \"\" = <flavor>-<attention>-<mask>")
+    name: str = key("", 'run name in logs and W&B; "" = <flavor>-<attention>-<mask>')
     print_config: bool = key(False, "print the resolved config (every key) at the start")
 
 
@@ -118,8 +121,8 @@ class MetricsConfig:
     log_every: int = key(10, "log every this many steps (the last and a preempted step always)")
     wandb: bool = key(False, "also log to W&B: online with credentials and network, else offline in output_dir/wandb")
     wandb_project: str = key("qwen3-fsdp-recipes", "W&B project (WANDB_PROJECT wins)")
-    wandb_entity: str = key("", "W&B user or team; \"\" = WANDB_ENTITY, else your default")
-    wandb_group: str = key("", "W&B run group; \"\" = WANDB_RUN_GROUP, else none")
+    wandb_entity: str = key("", 'W&B user or team; "" = WANDB_ENTITY, else your default')
+    wandb_group: str = key("", 'W&B run group; "" = WANDB_RUN_GROUP, else none')
     wandb_tags: list[str] = key([], "W&B tags")
     profile: bool = key(False, "torch.profiler over steps 7-9; rank 0 writes output_dir/profile/")
     tensorboard: bool = key(False, "also write the metrics.jsonl rows as TensorBoard scalars to output_dir/tensorboard")
@@ -165,7 +168,7 @@ def _check_type(where: str, value, expected):
     if typing.get_origin(expected) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-        raise UserError(f"{where}: expected a list of strings, got {value!r}; write e.g. [\"a\", \"b\"]")
+        raise UserError(f'{where}: expected a list of strings, got {value!r}; write e.g. ["a", "b"]')
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
@@ -261,43 +264,65 @@ def validate(config: Config) -> None:
     from recipes.qwen3.attention import BACKENDS, KERNELS, MASKS
     from recipes.qwen3.model import FLAVORS
 
-    m, t, o, c, x, e = (config.model, config.training, config.optimizer, config.checkpoint, config.metrics,
-                        config.eval)
+    m, t, o, c, x, e = (config.model, config.training, config.optimizer, config.checkpoint, config.metrics, config.eval)
     _choice("model.flavor", m.flavor, FLAVORS)
     _choice("model.attention", m.attention, BACKENDS)
     _choice("model.mask", m.mask, MASKS)
     _choice("model.kernel", m.kernel, KERNELS)
-    _require(m.kernel == "auto" or m.attention == "varlen",
-             f"model.kernel: {m.kernel!r} chooses among varlen's kernels; use \"auto\" with attention {m.attention!r}")
+    _require(
+        m.kernel == "auto" or m.attention == "varlen",
+        f'model.kernel: {m.kernel!r} chooses among varlen\'s kernels; use "auto" with attention {m.attention!r}',
+    )
     _choice("training.dtype", t.dtype, ("bfloat16", "float32"))
     _choice("training.activation_checkpoint", t.activation_checkpoint, AC_MODES)
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "sqrt"))
-    for where, value, low in [("training.steps", t.steps, 1), ("training.seq_len", t.seq_len, 1),
-                              ("training.local_batch_size", t.local_batch_size, 1),
-                              ("training.grad_accum_steps", t.grad_accum_steps, 1),
-                              ("training.seed", t.seed, 0), ("optimizer.warmup_steps", o.warmup_steps, 0),
-                              ("metrics.log_every", x.log_every, 1), ("checkpoint.keep", c.keep, 1),
-                              ("checkpoint.interval", c.interval, 0), ("data.vocab_size", config.data.vocab_size, 1),
-                              ("eval.interval", e.interval, 0), ("eval.batches", e.batches, 1),
-                              ("checkpoint.load_step", c.load_step, 0), ("eval.sample_every", e.sample_every, 0),
-                              ("parallel.replicate", config.parallel.replicate, 0)]:
+    for where, value, low in [
+        ("training.steps", t.steps, 1),
+        ("training.seq_len", t.seq_len, 1),
+        ("training.local_batch_size", t.local_batch_size, 1),
+        ("training.grad_accum_steps", t.grad_accum_steps, 1),
+        ("training.seed", t.seed, 0),
+        ("optimizer.warmup_steps", o.warmup_steps, 0),
+        ("metrics.log_every", x.log_every, 1),
+        ("checkpoint.keep", c.keep, 1),
+        ("checkpoint.interval", c.interval, 0),
+        ("data.vocab_size", config.data.vocab_size, 1),
+        ("eval.interval", e.interval, 0),
+        ("eval.batches", e.batches, 1),
+        ("checkpoint.load_step", c.load_step, 0),
+        ("eval.sample_every", e.sample_every, 0),
+        ("parallel.replicate", config.parallel.replicate, 0),
+    ]:
         high = _MAX_SEED if where == "training.seed" else _MAX_COUNT
         _require(value >= low, f"{where}: must be {'> 0' if low else '>= 0'}, got {value}")
         _require(value <= high, f"{where}: must be at most {high}, got {value}")
-    _require(t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
-             f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
-             "tokens per step; lower it or training.seq_len")
-    _require(c.enable or not c.export_hf, "checkpoint.export_hf: exports the last checkpoint, but checkpoint.enable "
-                                          "is false; enable checkpoints or drop export_hf")
-    _require(t.local_batch_size % t.grad_accum_steps == 0,
-             f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
-             f"{t.grad_accum_steps}; make it a multiple")
-    for where, value in [("optimizer.lr", o.lr), ("optimizer.eps", o.eps), ("optimizer.weight_decay", o.weight_decay),
-                         ("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2),
-                         ("optimizer.min_lr_ratio", o.min_lr_ratio)]:
+    _require(
+        t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
+        f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
+        "tokens per step; lower it or training.seq_len",
+    )
+    _require(
+        c.enable or not c.export_hf,
+        "checkpoint.export_hf: exports the last checkpoint, but checkpoint.enable "
+        "is false; enable checkpoints or drop export_hf",
+    )
+    _require(
+        t.local_batch_size % t.grad_accum_steps == 0,
+        f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
+        f"{t.grad_accum_steps}; make it a multiple",
+    )
+    for where, value in [
+        ("optimizer.lr", o.lr),
+        ("optimizer.eps", o.eps),
+        ("optimizer.weight_decay", o.weight_decay),
+        ("optimizer.beta1", o.beta1),
+        ("optimizer.beta2", o.beta2),
+        ("optimizer.min_lr_ratio", o.min_lr_ratio),
+    ]:
         _require(math.isfinite(value), f"{where}: must be a finite number, got {value}")
-    _require(not math.isnan(t.max_grad_norm), "training.max_grad_norm: must be a number (inf disables clipping), "
-                                              "got nan")
+    _require(
+        not math.isnan(t.max_grad_norm), "training.max_grad_norm: must be a number (inf disables clipping), got nan"
+    )
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     for where, value in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
@@ -306,12 +331,18 @@ def validate(config: Config) -> None:
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     _require(t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, got {t.max_grad_norm}")
     d = config.data
-    for where, value, empty_means in [("job.output_dir", config.job.output_dir, None),
-                                      ("data.dataset", d.dataset, None), ("data.tokenizer", d.tokenizer, None),
-                                      ("model.init_from", m.init_from, "random init")]:
+    for where, value, empty_means in [
+        ("job.output_dir", config.job.output_dir, None),
+        ("data.dataset", d.dataset, None),
+        ("data.tokenizer", d.tokenizer, None),
+        ("model.init_from", m.init_from, "random init"),
+    ]:
         if not value:
-            _require(empty_means is not None, f"{where}: must not be empty (an empty path would mean the current "
-                                              "folder); name it, e.g. the default in docs/config.md")
+            _require(
+                empty_means is not None,
+                f"{where}: must not be empty (an empty path would mean the current "
+                "folder); name it, e.g. the default in docs/config.md",
+            )
             continue
         if where == "data.dataset" and (value == "stdlib" or value.startswith("hf:")):
             _require(value != "hf:", "data.dataset: 'hf:' names no dataset; write hf:NAME")
@@ -329,12 +360,15 @@ def expand_path(path: str, where: str = "path") -> Path:
     try:
         expanded = Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory"
-        raise UserError(f"{where}: {path!r} names a home folder ({path.split('/')[0]}) that does not exist; write "
-                        "the full path") from None
+        raise UserError(
+            f"{where}: {path!r} names a home folder ({path.split('/')[0]}) that does not exist; write the full path"
+        ) from None
     long = next((part for part in expanded.parts if len(os.fsencode(part)) > _NAME_MAX), None)
     if long is not None:
-        raise UserError(f"{where}: the path component {long[:40]!r}... is {len(os.fsencode(long))} bytes, over the "
-                        f"{_NAME_MAX} a file name may have; shorten it")
+        raise UserError(
+            f"{where}: the path component {long[:40]!r}... is {len(os.fsencode(long))} bytes, over the "
+            f"{_NAME_MAX} a file name may have; shorten it"
+        )
     return expanded
 
 

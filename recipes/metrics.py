@@ -26,6 +26,7 @@ from recipes.run.runs import metrics_row
 
 log = logging.getLogger(__name__)
 
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory reserved by the caching allocator (what torchtitan reports), or on CPU the peak RSS."""
     if device.type == "cuda":
@@ -46,8 +47,9 @@ def _wandb_server_problem(timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
     """What keeps the W&B server from taking a run, or None if it answers. Asked here because wandb.init retries
     a server that does not answer, or answers 5xx, for its whole init_timeout before giving up."""
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
-    request = urllib.request.Request(f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}',
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}', headers={"Content-Type": "application/json"}
+    )
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as error:  # 401 without credentials in the request is an answer too
@@ -71,8 +73,9 @@ def start_wandb(config, output_dir: Path):
     Settings from the config win over WANDB_* variables only where the config sets them.
     """
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-        reason = ("no credentials (WANDB_API_KEY or ~/.netrc)" if not _wandb_has_credentials()
-                  else _wandb_server_problem())
+        reason = (
+            "no credentials (WANDB_API_KEY or ~/.netrc)" if not _wandb_has_credentials() else _wandb_server_problem()
+        )
         if reason:
             # Must be set in the environment: passing mode only to init still makes a network call at exit.
             os.environ["WANDB_MODE"] = "offline"
@@ -106,8 +109,15 @@ def start_wandb(config, output_dir: Path):
 class MetricsLogger:
     """Rank 0 appends one JSON line per log step to metrics.jsonl, logs the same dict to W&B, prints a line."""
 
-    def __init__(self, output_dir: Path, config, enabled: bool, resume_step: int = 0, changed: dict | None = None,
-                 on_cpu: bool = False):
+    def __init__(
+        self,
+        output_dir: Path,
+        config,
+        enabled: bool,
+        resume_step: int = 0,
+        changed: dict | None = None,
+        on_cpu: bool = False,
+    ):
         self.enabled, self.on_cpu = enabled, on_cpu
         self.path = output_dir / "metrics.jsonl"
         self.total_steps = config.training.steps
@@ -184,12 +194,15 @@ class MetricsLogger:
             return f"done: {last_step - first_step} steps"
         steps, row = last_step - first_step, self.last_row
         val = f", val_loss {self.last_val_loss:.4f}" if self.last_val_loss is not None else ""
-        return "\n".join([
-            f"done: {steps} steps ({first_step} -> {last_step}) in {human_duration(seconds)}, "
-            f"{seconds / max(steps, 1):.2f} s/step; {human_count(row['tokens'])} tokens seen",
-            f"  final loss {row['loss']:.4f}{val}",
-            f"  newest checkpoint: {newest or 'none (checkpoint.enable = false)'}",
-            next_commands(output_dir)])
+        return "\n".join(
+            [
+                f"done: {steps} steps ({first_step} -> {last_step}) in {human_duration(seconds)}, "
+                f"{seconds / max(steps, 1):.2f} s/step; {human_count(row['tokens'])} tokens seen",
+                f"  final loss {row['loss']:.4f}{val}",
+                f"  newest checkpoint: {newest or 'none (checkpoint.enable = false)'}",
+                next_commands(output_dir),
+            ]
+        )
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -207,10 +220,14 @@ def console_line(row: dict, total_steps: int, seconds_per_step: float | None, on
     """One log line: where the run is (step/total, percent, tokens seen), how it trains, and the time left at the
     recent step time. On CPU the rate is per process and the memory is the peak RSS, and the line says so."""
     step = row["step"]
-    parts = [f"step {step:>{len(str(total_steps))}}/{total_steps} ({step / total_steps:.0%})",
-             f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}",
-             f"{row['tokens_per_sec_per_gpu']:,.0f} tok/s/{'process' if on_cpu else 'gpu'}",
-             f"tokens {human_count(row['tokens'])}"]
+    parts = [
+        f"step {step:>{len(str(total_steps))}}/{total_steps} ({step / total_steps:.0%})",
+        f"loss {row['loss']:.4f}",
+        f"lr {row['lr']:.2e}",
+        f"gnorm {row['grad_norm']:.3f}",
+        f"{row['tokens_per_sec_per_gpu']:,.0f} tok/s/{'process' if on_cpu else 'gpu'}",
+        f"tokens {human_count(row['tokens'])}",
+    ]
     if row.get("mfu") is not None:
         parts.append(f"mfu {row['mfu']:.1%} (tt {row['mfu_torchtitan']:.1%})")
     parts.append(f"{'rss' if on_cpu else 'mem'} {row['peak_memory_gib']:.2f} GiB")
@@ -222,15 +239,19 @@ def console_line(row: dict, total_steps: int, seconds_per_step: float | None, on
 
 
 def next_commands(output_dir: Path) -> str:
-    return (f"  next: python scripts/generate.py {output_dir} --prompt 'def main('   (sample text)\n"
-            f"        python scripts/export_hf.py {output_dir} hf/{output_dir.name}   (for transformers)\n"
-            f"        python scripts/compare_runs.py {output_dir} OTHER_RUN_DIR   (loss curves side by side)")
+    return (
+        f"  next: python scripts/generate.py {output_dir} --prompt 'def main('   (sample text)\n"
+        f"        python scripts/export_hf.py {output_dir} hf/{output_dir.name}   (for transformers)\n"
+        f"        python scripts/compare_runs.py {output_dir} OTHER_RUN_DIR   (loss curves side by side)"
+    )
 
 
 def finished_line(output_dir: Path, newest: Path) -> str:
     """What a rerun of a finished run says instead of training (and opening a W&B run) again."""
-    return (f"finished: {output_dir} already trained to training.steps ({newest.name}); nothing to do. Raise "
-            f"--training.steps to train it longer\n  newest checkpoint: {newest}\n{next_commands(output_dir)}")
+    return (
+        f"finished: {output_dir} already trained to training.steps ({newest.name}); nothing to do. Raise "
+        f"--training.steps to train it longer\n  newest checkpoint: {newest}\n{next_commands(output_dir)}"
+    )
 
 
 def human_count(n: float) -> str:
@@ -267,8 +288,10 @@ def corpus_line(loader, steps: int) -> str:
     read = f"{steps} steps read {human_count(steps * per_step)} tokens"
     if loader.num_tokens is None:
         return f"data: a streamed dataset (size unknown); {read}"
-    return (f"data: {loader.num_documents:,} training documents, {human_count(loader.num_tokens)} tokens; {read} = "
-            f"{steps * per_step / loader.num_tokens:.3g} epochs")
+    return (
+        f"data: {loader.num_documents:,} training documents, {human_count(loader.num_tokens)} tokens; {read} = "
+        f"{steps * per_step / loader.num_tokens:.3g} epochs"
+    )
 
 
 def build_profiler(output_dir: Path, enabled: bool):
@@ -288,7 +311,8 @@ def build_profiler(output_dir: Path, enabled: bool):
         profiler.export_chrome_trace(str(folder / "trace.json"))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    profiler = profile(activities=activities, schedule=schedule(wait=5, warmup=1, active=3, repeat=1),
-                       on_trace_ready=write)
+    profiler = profile(
+        activities=activities, schedule=schedule(wait=5, warmup=1, active=3, repeat=1), on_trace_ready=write
+    )
     profiler.start()
     return profiler

@@ -59,8 +59,10 @@ def device_mesh(replicate: int, device: torch.device) -> DeviceMesh | None:
     if replicate == 1:
         return None
     if world % replicate:
-        raise UserError(f"parallel.replicate: {replicate} replicas do not divide world size {world}; choose a "
-                        "divisor of it, or 0 for one replica per node")
+        raise UserError(
+            f"parallel.replicate: {replicate} replicas do not divide world size {world}; choose a "
+            "divisor of it, or 0 for one replica per node"
+        )
     log.info("HSDP: %d replicas x %d ranks sharding each", replicate, world // replicate)
     return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
@@ -87,14 +89,21 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool,
-               seconds: float) -> tuple[float, float, bool, float]:
+def step_stats(
+    loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, seconds: float
+) -> tuple[float, float, bool, float]:
     """One all-reduce and one host sync: (the step's loss, the sum of the ranks' parts of the mean: loss.mean_loss;
     the grad norm, the same on every rank; whether any rank was signalled; the step's wall time averaged over
     ranks, the same on every rank)."""
     world = dist.get_world_size()
-    stats = torch.stack([loss.float(), grad_norm.float() / world, torch.tensor(float(signalled), device=loss.device),
-                         torch.tensor(seconds, device=loss.device)])
+    stats = torch.stack(
+        [
+            loss.float(),
+            grad_norm.float() / world,
+            torch.tensor(float(signalled), device=loss.device),
+            torch.tensor(seconds, device=loss.device),
+        ]
+    )
     dist.all_reduce(stats)
     loss_value, norm, flags, seconds_sum = stats.tolist()
     return loss_value, norm, flags > 0, seconds_sum / world

@@ -31,8 +31,9 @@ def inputs(config: Config, dist_: parallel.Distributed):
         with timed("tokenizer: loading (trained and cached on first use)"):
             tokenizer = data.build_tokenizer(config.data, cache_dir)
         with timed("data: loading (tokenized and cached on first use)"):
-            loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,
-                                           dist_.world_size, t.seed, cache_dir)
+            loader = data.build_dataloader(
+                config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank, dist_.world_size, t.seed, cache_dir
+            )
             heldout = data.heldout_batches(config, tokenizer, dist_.rank, dist_.world_size, cache_dir)
     log.info(corpus_line(loader, t.steps))
     shape = model_shape(config, tokenizer.eos_id)
@@ -63,8 +64,10 @@ def dry_run(config: Config, dist_: parallel.Distributed, output_dir: Path) -> in
     if folder is None:
         plan = f"a new run into {output_dir}" if saved is None else f"start {output_dir} again from step 0"
     elif superseded:
-        plan = (f"go back to {folder.name} and train steps {step + 1}-{config.training.steps}; the later "
-                f"checkpoints ({', '.join(f.name for f in superseded)}) would move to {output_dir}/superseded/")
+        plan = (
+            f"go back to {folder.name} and train steps {step + 1}-{config.training.steps}; the later "
+            f"checkpoints ({', '.join(f.name for f in superseded)}) would move to {output_dir}/superseded/"
+        )
     elif step == config.training.steps:
         plan = f"nothing: {output_dir} is finished ({folder.name})"
     else:
@@ -74,10 +77,21 @@ def dry_run(config: Config, dist_: parallel.Distributed, output_dir: Path) -> in
         plan += "".join(f"\n  would change {key}: {there!r} -> {now!r}" for key, (there, now) in changed.items())
     t = config.training
     log.info("resolved config:\n%s", to_toml(config))
-    log.info("dry run: every check passed (config, output folder, checkpoint, tokenizer, data, model shape, mesh); "
-             "nothing was written to %s\n  would do: %s\n  model: %s, %s parameters, attention=%s mask=%s; "
-             "tokenizer %s\n  global batch: %d rows x %d tokens (world size %d on %s)%s", output_dir, plan,
-             config.run_name, human_count(parameters), shape.attention, shape.mask, tokenizer.name,
-             t.local_batch_size * dist_.world_size, t.seq_len, dist_.world_size, dist_.device.type,
-             f"\n  note: {output_dir / HOLD_FILE} is there: a run may hold the folder now" if held else "")
+    log.info(
+        "dry run: every check passed (config, output folder, checkpoint, tokenizer, data, model shape, mesh); "
+        "nothing was written to %s\n  would do: %s\n  model: %s, %s parameters, attention=%s mask=%s; "
+        "tokenizer %s\n  global batch: %d rows x %d tokens (world size %d on %s)%s",
+        output_dir,
+        plan,
+        config.run_name,
+        human_count(parameters),
+        shape.attention,
+        shape.mask,
+        tokenizer.name,
+        t.local_batch_size * dist_.world_size,
+        t.seq_len,
+        dist_.world_size,
+        dist_.device.type,
+        f"\n  note: {output_dir / HOLD_FILE} is there: a run may hold the folder now" if held else "",
+    )
     return 0

@@ -18,9 +18,9 @@ from recipes import checkpoint, data
 from recipes.build import model_shape
 from recipes.config import Config, expand_path
 from recipes.errors import UserError
-from recipes.run.runs import open_run
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model
+from recipes.run.runs import open_run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -77,20 +77,29 @@ def write_export(model: Qwen3Model, config: Config, tokenizer: data.Tokenizer, d
                 shutil.copyfile(source / name, dest / name)
     else:  # the default BPE, or a hub id (whose files were read through the hub cache)
         (dest / "tokenizer.json").write_text(tokenizer.engine.to_str())
-        (dest / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1) + "\n")
+        (dest / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token}, indent=1)
+            + "\n"
+        )
 
 
 @torch.no_grad()
-def generate(model: Qwen3Model, tokenizer: data.Tokenizer, prompt: str, new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, generator: torch.Generator | None = None) -> str:
+def generate(
+    model: Qwen3Model,
+    tokenizer: data.Tokenizer,
+    prompt: str,
+    new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> str:
     """The prompt's continuation: greedy at temperature 0, else sampled (from the top_k tokens when top_k > 0).
     Stops at EOS. The whole window is recomputed per token (no KV cache): for looking at a model, not serving it."""
     device = next(model.parameters()).device
     ids = tokenizer.encode_batch([prompt])[0] or [tokenizer.eos_id]  # an empty prompt starts a new document
     prompt_length = len(ids)
     for _ in range(new_tokens):
-        window = torch.tensor([ids[-model.config.max_seq_len:]], device=device)
+        window = torch.tensor([ids[-model.config.max_seq_len :]], device=device)
         logits = model(window)[0, -1].float()  # one row, one document
         if temperature == 0:
             token = int(logits.argmax())

@@ -35,8 +35,17 @@ TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
     tokenizer = load_tokenizer(config)
-    loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
-                                   config.training.seed, data.default_cache_dir(), heldout=True)
+    loader = data.build_dataloader(
+        config.data,
+        tokenizer,
+        config.training.seq_len,
+        args.batch_size,
+        0,
+        1,
+        config.training.seed,
+        data.default_cache_dir(),
+        heldout=True,
+    )
     batches = [next(loader) for _ in range(args.batches)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # varlen's CUDA kernel needs 16-bit inputs
     columns = list(BACKENDS) + ([MUTATION] if args.mutation else [])
@@ -52,26 +61,40 @@ def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torc
 
 def markdown(rows: list[dict]) -> str:
     columns = list(rows[0]["losses"])
-    lines = ["| trained with ↓ / evaluated with → | " + " | ".join(columns) + " | max spread (fork) |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "| trained with ↓ / evaluated with → | " + " | ".join(columns) + " | max spread (fork) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
     for row in rows:
         fork = [row["losses"][b] for b in BACKENDS]
-        lines.append(f"| {row['trained_with']} ({row['checkpoint']}) | "
-                     + " | ".join(f"{row['losses'][c]:.5f}" for c in columns) + f" | {max(fork) - min(fork):.2e} |")
+        lines.append(
+            f"| {row['trained_with']} ({row['checkpoint']}) | "
+            + " | ".join(f"{row['losses'][c]:.5f}" for c in columns)
+            + f" | {max(fork) - min(fork):.2e} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="job.output_dir of a train.py run (config.toml and checkpoints/); one row each")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="job.output_dir of a train.py run (config.toml and checkpoints/); one row each",
+    )
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
     parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="rows per held-out batch")
     parser.add_argument("--mutation", action="store_true", help="add the 0.2.1 layout mistake as a column")
-    parser.add_argument("--tolerance", type=nonnegative_float, default=None,
-                        help=f"max loss spread within a row (default {TOLERANCE['cpu']:g} on CPU/fp32, "
-                             f"{TOLERANCE['cuda']:g} on CUDA/bf16)")
+    parser.add_argument(
+        "--tolerance",
+        type=nonnegative_float,
+        default=None,
+        help=f"max loss spread within a row (default {TOLERANCE['cpu']:g} on CPU/fp32, "
+        f"{TOLERANCE['cuda']:g} on CUDA/bf16)",
+    )
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,10 +109,22 @@ def main() -> int:
     spreads = [max(r["losses"][b] for b in BACKENDS) - min(r["losses"][b] for b in BACKENDS) for r in rows]
     agree = max(spreads) <= tolerance
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "tolerance": tolerance, "max_spread": max(spreads),
-                                         "agree": agree, "rows": rows}, indent=1))
-    print(f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
-          f"tolerance {tolerance:.0e})")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "tolerance": tolerance,
+                    "max_spread": max(spreads),
+                    "agree": agree,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
+    print(
+        f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
+        f"tolerance {tolerance:.0e})"
+    )
     return 0 if agree else 1
 
 

@@ -26,8 +26,12 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="job.output_dir of a train.py run")
     parser.add_argument("dest", type=Path, metavar="DEST", help="a new or empty folder for the HF model")
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="dtype of the saved weights (default: float32, the training weights as they are)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the saved weights (default: float32, the training weights as they are)",
+    )
     args = parser.parse_args()
     try:
         folder = export(args.run_dir, args.step, args.dest, getattr(torch, args.dtype))

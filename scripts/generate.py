@@ -25,15 +25,25 @@ from recipes.trained import generate, load_model, load_tokenizer
 def main() -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="job.output_dir of a train.py run")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="text to continue; repeat --prompt for several")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="text to continue; repeat --prompt for several"
+    )
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--tokens", type=positive_int, default=64, help="new tokens per continuation at most "
-                                                                        "(it stops earlier at EOS; default 64)")
-    parser.add_argument("--temperature", type=nonnegative_float, default=0.0,
-                        help="0: greedy (default); above 0: sampled, flatter as it grows")
-    parser.add_argument("--top-k", type=nonnegative_int, default=0,
-                        help="sample only among the k likeliest tokens (0: all; default)")
+    parser.add_argument(
+        "--tokens",
+        type=positive_int,
+        default=64,
+        help="new tokens per continuation at most (it stops earlier at EOS; default 64)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=nonnegative_float,
+        default=0.0,
+        help="0: greedy (default); above 0: sampled, flatter as it grows",
+    )
+    parser.add_argument(
+        "--top-k", type=nonnegative_int, default=0, help="sample only among the k likeliest tokens (0: all; default)"
+    )
     parser.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt when sampling")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sampling")
     parser.add_argument("--attention", choices=BACKENDS, help="attention backend (default: the run's)")
@@ -50,8 +60,10 @@ def main() -> int:
     model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(args.seed)
     samples = args.samples if args.temperature > 0 else 1
-    print(f"# {folder} ({model.config.attention} attention on {device.type}, "
-          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}, top-k {args.top_k}'})")
+    print(
+        f"# {folder} ({model.config.attention} attention on {device.type}, "
+        f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}, top-k {args.top_k}'})"
+    )
     for prompt in args.prompt:
         for _ in range(samples):
             text = generate(model, tokenizer, prompt, args.tokens, args.temperature, args.top_k, generator)

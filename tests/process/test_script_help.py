@@ -12,16 +12,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted(path.relative_to(REPO).as_posix() for pattern in (
-    "train.py", "scripts/*.py", "scripts/*.sh", "slurm/*.sh", "slurm/*.sbatch", "benchmarks/*.py", "benchmarks/*.sh",
-) for path in REPO.glob(pattern) if path.suffix == ".py" or path.read_text().startswith("#!"))  # not sourced ones
+SCRIPTS = sorted(
+    path.relative_to(REPO).as_posix()
+    for pattern in (
+        "train.py",
+        "scripts/*.py",
+        "scripts/*.sh",
+        "slurm/*.sh",
+        "slurm/*.sbatch",
+        "benchmarks/*.py",
+        "benchmarks/*.sh",
+    )
+    for path in REPO.glob(pattern)
+    if path.suffix == ".py" or path.read_text().startswith("#!")
+)  # not sourced ones
 RECORDED = ("python", "python3", "pip", "sbatch", "srun", "scontrol", "torchrun", "nvidia-smi", "wandb")
 
 
 def _repository_files() -> str:
     """Untracked and ignored files too: what a script run in the repository would leave."""
-    return subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 @pytest.fixture
@@ -31,14 +47,21 @@ def sandbox(tmp_path):
     started = tmp_path / "started.log"
     for name in RECORDED:
         recorder = bin_dir / name
-        recorder.write_text(f"#!/bin/sh\necho {name} \"$@\" >> {started}\nexit 1\n")
+        recorder.write_text(f'#!/bin/sh\necho {name} "$@" >> {started}\nexit 1\n')
         recorder.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
-           "PYTHON": str(bin_dir / "python3"), "RECIPES_PYTHON": str(bin_dir / "python3"),
-           "VENV": str(tmp_path / "venv"), "OUT": str(tmp_path / "out"), "RECIPES_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "PYTHON": str(bin_dir / "python3"),
+        "RECIPES_PYTHON": str(bin_dir / "python3"),
+        "VENV": str(tmp_path / "venv"),
+        "OUT": str(tmp_path / "out"),
+        "RECIPES_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
     return work, env, started
 
 

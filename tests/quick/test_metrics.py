@@ -30,8 +30,17 @@ def test_torn_lines_anywhere_are_dropped_on_resume_with_a_backup_and_one_warning
 
 
 def _row(step: int, **extra) -> dict:
-    return {"step": step, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec_per_gpu": 1000.0, "mfu": None,
-            "tokens": step * 4096, "peak_memory_gib": 1.5, **extra}
+    return {
+        "step": step,
+        "loss": 2.5,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_sec_per_gpu": 1000.0,
+        "mfu": None,
+        "tokens": step * 4096,
+        "peak_memory_gib": 1.5,
+        **extra,
+    }
 
 
 def test_the_console_line_says_where_the_run_is_and_names_cpu_units_honestly():

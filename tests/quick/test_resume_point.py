@@ -38,8 +38,11 @@ def test_a_fresh_run_starts_at_zero(tmp_path):
 
 @pytest.mark.parametrize("load_step, there", [(3, "2, 4, 6"), (8, "2, 4, 6")])
 def test_a_load_step_without_its_checkpoint_is_refused(root, load_step, there):
-    with pytest.raises(UserError, match=rf"checkpoint.load_step: .* no complete checkpoint of step {load_step} "
-                                        rf"\(steps there: {there}\); pick one of them, or 0 for the newest"):
+    with pytest.raises(
+        UserError,
+        match=rf"checkpoint.load_step: .* no complete checkpoint of step {load_step} "
+        rf"\(steps there: {there}\); pick one of them, or 0 for the newest",
+    ):
         checkpoint.resume_point(root, load_step, applied=False)
     assert checkpoint.step_folder(root, 6).is_dir()
 
