@@ -106,7 +106,7 @@ def test_two_nodes_preempted_by_sigusr1_requeue_and_resume(slurm_cluster, tmp_pa
     assert f"requeueing job {job}" in text
     assert re.search(rf"resumed from \S+step-{stop_step:08d} \(step {stop_step}\)", text), text
     # The requeued job went on from the checkpoint instead of starting over: each step trained once.
-    assert len(re.findall(r"step +1 \|", text)) == 1
+    assert len(re.findall(r"\] step +1/", text)) == 1
     assert logged_steps(run) == list(range(1, steps + 1))
 
 
