@@ -276,3 +276,19 @@ def test_read_metrics_names_the_bad_line(tmp_path):
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(tmp_path)
 
+
+
+FALSE_ALARMS = Path(__file__).resolve().parents[2] / "docs" / "results" / "cpu" / "proof_false_alarms.json"
+HONEST_PROOFS = 20  # issue 17: at least 20 honest CPU proofs over different seeds, all AGREE
+
+
+def test_the_measured_honest_cpu_proofs_all_agree():
+    """The committed result of benchmarks/proof_false_alarms.sh: no false alarm, on the numbers that decided it."""
+    table = json.loads(FALSE_ALARMS.read_text())
+    proofs = table["proofs"]
+    assert len(proofs) == table["total"] >= HONEST_PROOFS
+    assert len({row["seed"] for row in proofs}) == len(proofs)
+    for row in proofs:
+        assert row["verdict"] == "AGREE" and row["calibrated"], row
+        assert all(row["largest"][stat] <= row["tolerance"][stat] for stat in row["tolerance"]), row
+    assert table["agree"] == len(proofs) and table["false_alarm_rate"] == 0
