@@ -34,6 +34,17 @@ from recipes.run.hold import RunHold
 log = logging.getLogger("train")
 
 
+# torchrun SIGKILLs its workers 30 s after passing them a SIGTERM (a fixed timeout in torch 2.11's
+# torch.distributed.elastic), as SLURM does after its KillWait (30 s by default). A step longer than that never
+# reaches its end in time, so once steps take over a third of it the ranks also agree between micro-batches whether
+# one was signalled, and abandon the step: the checkpoint is then the previous step's.
+KILL_GRACE_S = 30.0
+
+
+class StepAbandoned(Exception):
+    """All ranks stopped a step between micro-batches, on a signal: nothing of it was applied."""
+
+
 class PreemptionFlag:
     """SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel) and Ctrl-C (SIGINT) ask for
     a checkpoint at the next step boundary; a second Ctrl-C stops at once, without saving."""
@@ -108,13 +119,29 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
+    def stop_preempted(last_step: int, abandoned: str = "") -> int:
+        if config.checkpoint.enable:
+            checkpoint.save(checkpoints, last_step, model, optimizer, scheduler, loader, config.checkpoint.keep)
+        log.warning("preempted (%s) at step %d%s: %s", preemption.signal_name or "signal on another rank", last_step,
+                    abandoned, "checkpoint saved; run again to continue" if config.checkpoint.enable
+                    else "checkpoint.enable=false, so nothing was saved")
+        return PREEMPTED_EXIT_CODE
+
     train_start = time.perf_counter()
-    step = start_step
+    step, long_steps = start_step, False
     try:
         for step in range(start_step + 1, t.steps + 1):
+            position = loader.state_dict()  # where this step's batch begins, should the step be abandoned
             batch = next(loader)
             throughput.add(batch)
-            loss, grad_norm, preempted = train_step(model, batch, optimizer, scheduler, step, t, device, preemption)
+            try:
+                loss, grad_norm, preempted, seconds = train_step(model, batch, optimizer, scheduler, step, t, device,
+                                                                 preemption, agree_between_micro_batches=long_steps)
+            except StepAbandoned:
+                loader.load_state_dict(position)  # the resumed run starts with this step's batch
+                return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of the "
+                                                f"{KILL_GRACE_S:.0f} s before SIGKILL)")
+            long_steps = seconds > KILL_GRACE_S / 3
             if profiler is not None:
                 profiler.step()
 
@@ -129,14 +156,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
                     throughput.reset()  # the evaluation's time belongs to no training step
                 metrics.log(row)
 
-            interval = config.checkpoint.interval
-            if config.checkpoint.enable and ((interval and step % interval == 0) or last or preempted):
-                checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
             if preempted:
-                log.warning("preempted (%s) at step %d: %s", preemption.signal_name or "signal on another rank", step,
-                            "checkpoint saved; run again to continue" if config.checkpoint.enable
-                            else "checkpoint.enable=false, so nothing was saved")
-                return PREEMPTED_EXIT_CODE
+                return stop_preempted(step)
+            interval = config.checkpoint.interval
+            if config.checkpoint.enable and ((interval and step % interval == 0) or last):
+                checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
         log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
                  output_dir)
         return 0
@@ -147,23 +171,29 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
         torch.distributed.destroy_process_group()
 
 
-def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device,
-               preemption: PreemptionFlag) -> tuple[float, float, bool]:
+def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device, preemption: PreemptionFlag,
+               agree_between_micro_batches: bool) -> tuple[float, float, bool, float]:
     """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
     (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
-    finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, and
-    whether any rank was asked to stop; one host sync for the three."""
+    finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, whether
+    any rank was asked to stop, and the step's seconds (the same on every rank); one host sync for the four.
+    With `agree_between_micro_batches`, the ranks also agree before each further micro-batch whether one was
+    signalled, and if so raise StepAbandoned."""
+    start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
     for micro, mb in enumerate(micro_batches):
+        if micro and agree_between_micro_batches and parallel.any_rank(preemption.signal_name is not None, device):
+            optimizer.zero_grad(set_to_none=True)
+            raise StepAbandoned
         model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
         meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
         loss = mean_loss(model(mb.inputs.to(device), meta, mb.labels.to(device)), mb.global_labels)
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
-    loss_value, grad_norm_value, preempted = parallel.step_stats(loss_sum, grad_norm,
-                                                                  preemption.signal_name is not None)
+    loss_value, grad_norm_value, preempted, seconds = parallel.step_stats(
+        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
         message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
         if not t.skip_nonfinite:
@@ -174,13 +204,27 @@ def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.d
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return loss_value, grad_norm_value, preempted
+    return loss_value, grad_norm_value, preempted, seconds
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> None:
+    """main() as a process: its exit code, a RecipeError's one line and exit code, and a clean exit.
+
+    The process groups outlive destroy_process_group (DTensor's caches keep their device meshes), so gloo's run-loop
+    threads and NCCL's would still run while the interpreter finalizes and tears them down in no set order, which
+    can abort a finished run (SIGABRT, "terminate called without an active exception") and fail it under torchrun.
+    By then every output is written and closed, so the process leaves without finalizing."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(argv)
     except RecipeError as error:  # each carries its exit code
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        code = error.exit_code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -9,7 +9,8 @@ model shape, documents, tokenizer and batch. Run on the GPU machine:
         --torchtitan none --nproc 1
 
 A case is BACKEND-MASK-SEQ-MODE[-OPTION...]: MODE is compile or eager; options are a varlen kernel (torch, fa4),
-bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, and f=FLAVOR (default --flavor).
+bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, f=FLAVOR (default --flavor), and
+fp8 (training.float8 = true; torchao; torchtitan's Trainer is run without it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,10 +46,13 @@ def parse_case(case: str, flavor: str) -> dict:
         raise SystemExit(f"benchmark.py: case {case!r} is not BACKEND-MASK-SEQ-(compile|eager)[-OPTION...]")
     seq = int(seq_len)
     spec = {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
-            "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor}
+            "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor,
+            "float8": False}
     for option in options:
         if option in ("torch", "fa4"):
             spec["kernel"] = option
+        elif option == "fp8":
+            spec["float8"] = True
         elif re.fullmatch(r"b\d+", option):
             spec["local_batch_size"] = int(option[1:])
         elif option.startswith("ac="):
@@ -70,6 +75,18 @@ def summarize(rows: list[dict], skip: int) -> dict:
             "steps": rows[-1]["step"]}
 
 
+def run_case(command: list[str], log, timeout: int, env: dict | None = None) -> int | str:
+    """The case's exit code, or a timeout (reported as the case's failure; the next case runs): the whole process
+    group is killed then, so no worker of torchrun's keeps the GPU's memory."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return f"timeout after {timeout} s"
+
+
 def run_ours(spec: dict, args, work: Path) -> dict:
     out = work / f"ours-{spec['case']}"
     shutil.rmtree(out, ignore_errors=True)  # a rerun measures anew instead of being refused by the old folder
@@ -79,6 +96,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
         "--model.flavor", spec["flavor"], "--model.mask", spec["mask"], "--model.kernel", spec["kernel"],
         "--training.activation_checkpoint", spec["ac"],
+        "--training.float8", str(spec["float8"]).lower(),
         "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
         "--training.steps", str(args.steps), "--training.compile", str(spec["compile"]).lower(),
         "--training.dtype", "bfloat16", "--optimizer.warmup_steps", "10",
@@ -89,7 +107,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=args.case_timeout).returncode
+        rc = run_case(command, f, args.case_timeout)
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
@@ -133,7 +151,7 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     log = work / f"tt-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.case_timeout).returncode
+        rc = run_case(command, f, args.case_timeout, env)
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
     rows = [{"step": int(m[1]), "peak_memory_gib": float(m[2]), "tokens_per_sec_per_gpu": float(m[3].replace(",", "")),
              "mfu_torchtitan": float(m[4]) / 100, "mfu": None}

@@ -12,12 +12,7 @@ wheels=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd); part=$3
 dest=${4:-${OUT:-/tmp/h200-results}}
 mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl 2>&1 | grep -v WARNING
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline RECIPES_CACHE=${RECIPES_CACHE:-/tmp/recipes-cache}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-[ -f "$tokenizer/tokenizer.json" ] || { mkdir -p /tmp/qwen3-tok && cp "$tokenizer/tokenizer_config.json" /tmp/qwen3-tok/ \
-  && xz -dc "$tokenizer/tokenizer.json.xz" > /tmp/qwen3-tok/tokenizer.json && tokenizer=/tmp/qwen3-tok; }
+source benchmarks/gpu_env.sh  # wheels, environment, tokenizer
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$dest/machine.txt"
 bench() { python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --case-timeout 120 "$@"; }
 

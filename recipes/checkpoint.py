@@ -2,7 +2,7 @@
 
 Layout: <output_dir>/checkpoints/step-00000100/ holds the DCP shards of model and optimizer, train_state.json
 (step, LR schedule, data position, RNG) and manifest.json (a checksum of every other file). Every rank writes into a
-hidden .tmp folder and hashes the files it wrote; only when all ranks are done does rank 0 write train_state.json,
+hidden .tmp folder, hashing each file as it writes it; only when all ranks are done does rank 0 write train_state.json,
 then the manifest, and rename the folder, so a folder named step-NNNNNNNN is always complete and a run killed
 mid-save leaves only a .tmp folder, which is never loaded. Exactly the names step_folder makes are checkpoints,
 ordered by their number; anything else under checkpoints/ (a user's backup, another tool's step-3) is never loaded
@@ -28,14 +28,16 @@ import pickle
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -110,14 +112,58 @@ def _owner(name: str, world_size: int) -> int:
 
 
 def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
-    """{name: hash} of the files of `names` this rank owns, gathered from every rank when a process group runs."""
+    """{name: hash} of the files of `names`, each hashed by the rank that owns it, gathered from every rank."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = {name: _file_hash(folder / name) for name in names if _owner(name, world) == rank}
-    if world == 1:
+    return _gathered({name: _file_hash(folder / name) for name in names if _owner(name, world) == rank})
+
+
+def _gathered(mine: dict[str, str]) -> dict[str, str]:
+    """Every rank's {name: hash} merged, where a process group of several ranks runs."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
-    gathered = [None] * world
+    gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return {name: digest for part in gathered for name, digest in part.items()}
+
+
+class _HashingFile:
+    """A file being written, hashing the bytes on their way to it."""
+
+    def __init__(self, file, digest):
+        self.file, self.digest = file, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str):  # tell, flush, fileno, close: the file's own
+        return getattr(self.file, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's file system, hashing each file as DCP writes it: the bytes are hashed while in memory, with no second
+    read. `.hashes`: {file name: hash} of the files this rank wrote, under their final names."""
+
+    def __init__(self):
+        super().__init__()
+        self.hashes: dict[str, str] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as stream:
+            digest = xxhash.xxh3_128()
+            yield _HashingFile(stream, digest)
+        self.hashes[Path(path).name] = digest.hexdigest()
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata.tmp, then renames it to .metadata
+        super().rename(path, new_path)
+        self.hashes[Path(new_path).name] = self.hashes.pop(Path(path).name)
+
+
+class _HashingWriter(FileSystemWriter):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.fs = _HashingFileSystem()
 
 
 def _rng_state() -> dict:
@@ -170,10 +216,9 @@ def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader,
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    dist.barrier()
-    # Hashed once written, while the bytes are still in the page cache: DCP's writer offers no hook into its streams.
-    hashes = _hash_files(tmp, sorted(path.name for path in tmp.iterdir()))
+    writer = _HashingWriter(tmp)
+    dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=writer)
+    hashes = _gathered(writer.fs.hashes)
     failure = [None]
     if dist.get_rank() == 0:
         try:

@@ -25,3 +25,11 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
     return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with an error as one line (`prog: error: ...; see --help`) instead of the usage block and
+    the error: bad input is one line, exit code 2, everywhere in the recipe."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

@@ -45,6 +45,7 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # bfloat16 | float32: parameter/compute dtype; gradients reduce in float32
     compile: bool = False
+    float8: bool = False  # the blocks' matmuls in float8 (torchao, tensorwise); for 1.7B and up on H100/H200
     activation_checkpoint: str = "none"  # none | full | selective
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a step whose loss or grad norm is not finite instead of stopping

@@ -65,11 +65,21 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool) -> tuple[float, float, bool]:
+def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool,
+               seconds: float) -> tuple[float, float, bool, float]:
     """One all-reduce and one host sync: (the step's loss, the sum of the ranks' parts of the mean: loss.mean_loss;
-    the grad norm, the same on every rank; whether any rank was signalled)."""
+    the grad norm, the same on every rank; whether any rank was signalled; the step's wall time averaged over
+    ranks, the same on every rank)."""
     world = dist.get_world_size()
-    stats = torch.stack([loss.float(), grad_norm.float() / world, torch.tensor(float(signalled), device=loss.device)])
+    stats = torch.stack([loss.float(), grad_norm.float() / world, torch.tensor(float(signalled), device=loss.device),
+                         torch.tensor(seconds, device=loss.device)])
     dist.all_reduce(stats)
-    loss_value, norm, flags = stats.tolist()
-    return loss_value, norm, flags > 0
+    loss_value, norm, flags, seconds_sum = stats.tolist()
+    return loss_value, norm, flags > 0, seconds_sum / world
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank: a collective, so every rank must call it at the same point."""
+    stats = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(stats)
+    return stats.item() > 0

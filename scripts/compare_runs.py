@@ -27,7 +27,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API needs no pyplot backend, so no display
 
-from recipes.cli import nonnegative_float, nonnegative_int, positive_int
+from recipes.cli import ArgumentParser, nonnegative_float, nonnegative_int, positive_int
 from recipes.errors import UserError
 from recipes.run.outputs import DEFINES_RUN
 from recipes.run.runs import WANDB_API_PREFIX, Run, load_run
@@ -75,8 +75,8 @@ class PairResult:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="train.py output dir, W&B offline-run-* folder or .wandb file, or "
                              "wandb:ENTITY/PROJECT/RUN_ID")

@@ -11,7 +11,6 @@ disagree beyond --tolerance, 2 on bad input.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -21,7 +20,7 @@ import torch
 
 from recipes import checkpoint, data
 from recipes.build import model_shape
-from recipes.cli import nonnegative_float, positive_int
+from recipes.cli import ArgumentParser, nonnegative_float, positive_int
 from recipes.config import Config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
@@ -69,7 +68,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
     parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")

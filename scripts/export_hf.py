@@ -11,7 +11,6 @@ holds files, a step that has no checkpoint, or a run folder that is not one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import torch
 
 from recipes import checkpoint, data
 from recipes.build import model_shape
-from recipes.cli import positive_int
+from recipes.cli import ArgumentParser, positive_int
 from recipes.config import expand_path
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.qwen3.hf import save_hf_checkpoint
@@ -74,7 +73,7 @@ def write_export(model: Qwen3Model, config, tokenizer, dest: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("dest", type=Path, metavar="DEST")
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: the newest)")

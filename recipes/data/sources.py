@@ -82,9 +82,15 @@ def _file_documents(file: Path, text_field: str) -> Iterator[str]:
     if suffix == ".txt":
         yield file.read_text(encoding="utf-8", errors="replace")  # text files: a stray byte is not worth a stop
     elif suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(file)
+        try:
+            schema = pq.read_schema(file)
+        except (pyarrow.ArrowException, OSError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"data.dataset: {file} is not a readable parquet file ({reason}); copy it again, or point "
+                            "data.dataset elsewhere") from None
         if text_field not in schema.names:
             raise missing_field(file, text_field, schema.names)
         if schema.field(text_field).type not in ("string", "large_string"):

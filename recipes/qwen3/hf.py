@@ -8,12 +8,13 @@ model. Loading never needs transformers; what `save_hf_checkpoint` writes loads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
@@ -125,13 +126,28 @@ def read_hf_config(path: str | Path, **overrides) -> Qwen3Config:
     return hf_config_to_qwen3(hf, **overrides)
 
 
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged or cut-short file (its header is checked against its size) as a UserError."""
+    try:
+        with safe_open(file, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"model.init_from: {file} cannot be read as safetensors ({error}); it is damaged or cut "
+                        "short: copy it again, or point model.init_from at an intact HF Qwen3 folder") from None
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """HF name -> the safetensors file that holds it, for one file or a sharded checkpoint."""
     if (path / _SHARD_INDEX).is_file():
-        weight_map = json.loads((path / _SHARD_INDEX).read_text())["weight_map"]
-        return {name: path / shard for name, shard in weight_map.items()}
+        try:
+            weight_map = json.loads((path / _SHARD_INDEX).read_text())["weight_map"]
+            return {name: path / shard for name, shard in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not an index
+            raise UserError(f"model.init_from: {path / _SHARD_INDEX} is not a safetensors index ({error!r}); copy "
+                            "it again, or point model.init_from at an intact HF Qwen3 folder") from None
     if (path / _SINGLE_FILE).is_file():
-        with safe_open(path / _SINGLE_FILE, "pt") as f:
+        with _open_safetensors(path / _SINGLE_FILE) as f:
             return {name: path / _SINGLE_FILE for name in f.keys()}
     raise UserError(f"{path}: neither {_SINGLE_FILE} nor {_SHARD_INDEX} found; "
                     "point model.init_from at an HF Qwen3 folder saved with safetensors")
@@ -159,7 +175,7 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
             raise UserError(f"{path}: tensor {key} is missing; the checkpoint is incomplete "
                             "or its config.json does not describe it")
         local, rows = local_rows(param)
-        with safe_open(files[key], "pt") as f:
+        with _open_safetensors(files[key]) as f:
             stored = f.get_slice(key)
             if tuple(stored.get_shape()) != tuple(param.shape):
                 raise UserError(f"{path}: tensor {key} has shape {tuple(stored.get_shape())}, config.json implies "
@@ -168,7 +184,7 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
     head = hf_name("output.weight")
     if config.tie_embeddings and head in files:
         local, rows = local_rows(model.tok_embeddings.weight)
-        with safe_open(files[head], "pt") as f:
+        with _open_safetensors(files[head]) as f:
             if not torch.equal(f.get_slice(head)[rows].to(local.dtype), local):
                 raise UserError(f"{path}: lm_head.weight differs from model.embed_tokens.weight although "
                                 "tie_word_embeddings is true; set it false in config.json")

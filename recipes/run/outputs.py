@@ -5,9 +5,9 @@ Every config key is in exactly one of two sets (a test checks that a new key is 
 - DEFINES_RUN: the model's shape and initialisation, the data and tokenizer, the seed and the row length. A
   folder holding a run with other values is refused: continuing it would be a different run.
 - MAY_CHANGE: how the run is trained and watched from here on: learning rate and schedule, the attention
-  backend and kernel (checkpoints are portable between them), the mask, logging, eval and checkpoint intervals,
-  and steps (upward: fewer steps than the checkpoint's is refused). A change is recorded in
-  <output_dir>/config_history.jsonl, one line in the log, and the W&B run's config.
+  backend and kernel (checkpoints are portable between them), the mask, float8 (the same parameters either way),
+  logging, eval and checkpoint intervals, and steps (upward: fewer steps than the checkpoint's is refused). A
+  change is recorded in <output_dir>/config_history.jsonl, one line in the log, and the W&B run's config.
 What the checkpoint itself must match (the data stream's content, the global batch of rows) is checked against the
 checkpoint when it loads (recipes.data.loader.PackedLoader.load_state_dict): that is about files and world size, not
 config keys.
@@ -37,7 +37,8 @@ DEFINES_RUN = frozenset({
 MAY_CHANGE = frozenset({
     "model.attention", "model.mask", "model.kernel",
     "training.steps", "training.local_batch_size", "training.grad_accum_steps", "training.max_grad_norm",
-    "training.compile", "training.activation_checkpoint", "training.deterministic", "training.skip_nonfinite",
+    "training.compile", "training.float8", "training.activation_checkpoint", "training.deterministic",
+    "training.skip_nonfinite",
     "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
     "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
     "data.mask_boundary_loss",

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import pytest
 import tokenizers
 from train_process import DEBUG_CONFIG, REPO, train_command
 
-from recipes.config import load_config, to_toml
+from recipes.config import Config, load_config, to_toml
 from recipes.errors import USER_ERROR_EXIT_CODE
+from recipes.qwen3.hf import save_hf_checkpoint
+from recipes.qwen3.model import Qwen3Model, flavor_config
 
 # Two steps of the debug config, a checkpoint after each.
 RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "2", "--training.seq_len", "64",
@@ -354,3 +357,169 @@ def test_eval_matrix_refuses_a_damaged_checkpoint_with_one_line(env, base_run, t
     assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == "", result.stderr[-2000:]
     assert re.fullmatch(CHECKSUM.format("__0_0.distcp", "does not match its checksum") + r"\n",
                         result.stderr.removeprefix("error: ")), result.stderr
+
+
+# ----------------------------------------------------------------------------------------------- generated cases
+# Every key of the config's dataclasses gets the bad values of its type, so a new key is covered as soon as it
+# exists (a new text key must first be sorted into one of the sets below). All cases share one launch of
+# tests/process/input_cases.py, which forks a process per case; each is checked by its own test.
+
+ZERO_IS_VALID = {"training.seed", "optimizer.warmup_steps", "checkpoint.interval", "eval.interval",
+                 "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
+                 "optimizer.min_lr_ratio"}
+CHOICES = {"model.flavor", "model.attention", "model.mask", "model.kernel", "training.dtype",
+           "training.activation_checkpoint", "optimizer.decay"}
+PATHS = {"job.output_dir", "data.dataset", "data.tokenizer", "model.init_from"}
+FREE_TEXT = {"data.dataset_config", "data.split", "data.text_field", "data.eos_token", "job.name",
+             "metrics.wandb_project", "metrics.wandb_entity", "metrics.wandb_group"}  # checked where used, above
+VALUES = {int: {"empty": "", "word": "ten", "fraction": "1.5", "negative": "-1", "zero": "0"},
+          float: {"empty": "", "word": "ten", "negative": "-1", "zero": "0"},
+          bool: {"empty": "", "word": "maybe", "number": "2"},
+          list[str]: {}}  # on the command line a list is text (its items, comma-separated); a file's [1, 2] is above
+
+
+def config_keys() -> dict[str, type]:
+    """{"section.key": its type} of every key of the config."""
+    return {f"{section}.{key}": kind for section, section_type in typing.get_type_hints(Config).items()
+            for key, kind in typing.get_type_hints(section_type).items()}
+
+
+def input_paths(tmp: Path) -> dict[str, Path]:
+    names = {"empty": "empty", "garbage": "garbage.json", "tokenizer": "tokenizer.json", "corpus": "corpus.jsonl",
+             "parquet": "corpus.parquet", "hf_truncated": "hf_truncated", "hf_garbage": "hf_garbage"}
+    return {kind: tmp / name for kind, name in names.items()}
+
+
+def make_inputs(tmp: Path) -> None:
+    """The damaged inputs of input_paths, made once: a file of garbage, a truncated tokenizer.json and corpus, a
+    parquet file of zeros, an empty folder, HF folders with a garbage config.json and a truncated model.safetensors."""
+    tmp.mkdir()
+    (tmp / "empty").mkdir()
+    (tmp / "garbage.json").write_bytes(bytes(range(256)) * 4)
+    vocab = {"a": 0, "<|endoftext|>": 1, "[UNK]": 2}
+    whole = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]")).to_str()
+    (tmp / "tokenizer.json").write_text(whole[:len(whole) // 2])
+    (tmp / "corpus.jsonl").write_text('{"text": "a whole document"}\n{"text": "cut of')
+    (tmp / "corpus.parquet").write_bytes(b"PAR1" + bytes(100))
+    save_hf_checkpoint(Qwen3Model(flavor_config("debug")), tmp / "hf_truncated")
+    truncate(tmp / "hf_truncated" / "model.safetensors")
+    (tmp / "hf_garbage").mkdir()
+    (tmp / "hf_garbage" / "config.json").write_bytes(bytes(range(256)))
+
+
+def path_values(key: str, inputs: dict[str, Path], tmp: Path) -> dict[str, str]:
+    values = {"empty": "", "missing": str(tmp / "missing"), "unknown_home": "~no_such_user_here/x",
+              "long_name": str(tmp / ("a" * 300))}
+    if key == "job.output_dir":
+        return {**values, "missing": None, "a_file": str(inputs["garbage"])}  # a missing output folder is made
+    if key == "model.init_from":
+        return {**values, "empty": None, "folder": str(inputs["empty"]), "garbage": str(inputs["hf_garbage"]),
+                "truncated": str(inputs["hf_truncated"])}  # "" means random init
+    damaged = {"data.dataset": {"garbage": inputs["garbage"], "truncated": inputs["corpus"],
+                                "damaged_parquet": inputs["parquet"]},
+               "data.tokenizer": {"garbage": inputs["garbage"], "truncated": inputs["tokenizer"]}}[key]
+    return {**values, "folder": str(inputs["empty"]), **{name: str(path) for name, path in damaged.items()}}
+
+
+def generated_cases(tmp: Path) -> dict[str, list[str]]:
+    """{case name: train.py's extra arguments} for every key and each bad value of its kind; the damaged inputs
+    lie under tmp/inputs (make_inputs)."""
+    inputs = input_paths(tmp / "inputs")
+    cases = {}
+    for key, kind in config_keys().items():
+        if key in PATHS:
+            values = path_values(key, inputs, tmp)
+        elif key in CHOICES:
+            values = {"empty": "", "unknown": "nope"}
+        else:
+            values = dict(VALUES.get(kind, {}))
+            if key in ZERO_IS_VALID:
+                values.pop("zero")
+        cases.update({f"{key}={name}": ["--" + key, value] for name, value in values.items() if value is not None})
+    return cases
+
+
+def test_every_text_key_is_sorted_into_paths_choices_or_free_text():
+    """A new text key must be sorted before it counts as covered; every other kind has its bad values."""
+    text = {key for key, kind in config_keys().items() if kind is str}
+    assert text == PATHS | CHOICES | FREE_TEXT
+    assert all(kind in VALUES for key, kind in config_keys().items() if kind is not str)
+
+
+@pytest.fixture(scope="module")
+def generated(env, tmp_path_factory) -> dict[str, tuple[int, str, str, dict, dict]]:
+    """{case: (exit code, stdout, stderr, its folder before, after)}; one launch, one forked process per case."""
+    root = tmp_path_factory.mktemp("generated")
+    make_inputs(root / "inputs")
+    cases = generated_cases(root)
+    listing, before = [], {}
+    for index, (name, args) in enumerate(cases.items()):
+        folder = root / f"case{index}"
+        folder.mkdir()
+        output = ["--job.output_dir", str(folder / "run")]
+        listing.append({"name": name, "argv": [*RUN, *output, *args], "folder": str(folder)})
+        before[name] = snapshot(folder)
+    (root / "cases.json").write_text(json.dumps(listing))
+    result = subprocess.run([sys.executable, "tests/process/input_cases.py", str(root / "cases.json")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes = json.loads(result.stdout)
+    return {item["name"]: (codes[item["name"]], Path(item["folder"] + ".stdout").read_text(),
+                           Path(item["folder"] + ".stderr").read_text(), before[item["name"]],
+                           snapshot(Path(item["folder"]))) for item in listing}
+
+
+@pytest.mark.parametrize("name", generated_cases(Path("/nowhere")))
+def test_each_key_refuses_its_bad_values_with_exit_2_and_one_line_naming_it(generated, name):
+    code, stdout, stderr, before, after = generated[name]
+    key = name.split("=")[0]
+    assert code == USER_ERROR_EXIT_CODE, stderr[-3000:]
+    assert "Traceback" not in stderr and stdout == "", stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and key in errors[0], stderr[-3000:]
+    assert all(LOG_LINE.match(line) for line in stderr.splitlines()[:-1]), stderr[-3000:]
+    assert after == before  # nothing written: no output folder, nothing in the working folder
+
+
+# ----------------------------------------------------------------------------------------------- script arguments
+# Every numeric option of the Python scripts, by the argparse type that checks it (recipes/cli.py), gets the bad values
+# of that type; test_every_numeric_script_option_is_in_the_table keeps the table complete.
+SCRIPT_OPTIONS = {"compare_runs.py": {"--early-steps": "positive_int", "--window": "positive_int",
+                                      "--margin": "nonnegative_float", "--skip-steps": "nonnegative_int"},
+                  "eval_matrix.py": {"--step": "positive_int", "--batches": "positive_int",
+                                     "--batch-size": "positive_int", "--tolerance": "nonnegative_float"},
+                  "export_hf.py": {"--step": "positive_int"}}
+BAD_VALUES = {"positive_int": ["0", "-1", "two", ""], "nonnegative_int": ["-1", "two", ""],
+              "nonnegative_float": ["-1", "nan", "two", ""]}
+SCRIPT_CASES = [(script, option, value) for script, options in SCRIPT_OPTIONS.items()
+                for option, kind in options.items() for value in BAD_VALUES[kind]]
+
+
+def test_every_numeric_script_option_is_in_the_table():
+    for script, options in SCRIPT_OPTIONS.items():
+        source = (REPO / "scripts" / script).read_text()
+        found = dict(re.findall(r'add_argument\("(--[\w-]+)", type=(positive_int|nonnegative_int|nonnegative_float)',
+                                source))
+        assert found == options, script
+
+
+@pytest.mark.parametrize("script, option, value", SCRIPT_CASES)
+def test_script_refuses_a_bad_number_with_exit_2_and_one_line(env, tmp_path, script, option, value):
+    """Refused by argparse before any work: one line naming the option, nothing written where the script ran."""
+    runs = [str(tmp_path / "no-run")] + ([str(tmp_path / "no-dest")] if script == "export_hf.py" else [])
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *runs, option, value], cwd=tmp_path,
+                            env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and f"error: argument {option}:" in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("task_id", ["abc", "-1", "1.5"])
+def test_train_sbatch_refuses_an_array_task_id_that_is_not_a_number(tmp_path, task_id):
+    result = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "configs/qwen3_debug.toml",
+                             "configs/qwen3_debug.toml"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin",
+                                                                            "SLURM_ARRAY_TASK_ID": task_id},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == ""
+    assert result.stderr == f"array task id '{task_id}' is not a number: submit with --array=0-1\n"
+    assert not list(tmp_path.iterdir())

@@ -6,6 +6,7 @@ memory."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import resource
 import sys
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from recipes import build
 from recipes.build import model_shape
 from recipes.config import TrainingConfig, load_config
+from recipes.errors import UserError
 from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config, rope_cache
 
@@ -100,6 +102,54 @@ def test_hf_weights_load_into_the_shards(tmp_path, tied, ac, randomize_norms):
     hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], hf(result["tokens"]).logits, rtol=1e-5, atol=1e-5)
+
+
+def _adamw_steps(rank: int, world: int, store: str, out: str) -> None:
+    """Two AdamW steps over the FSDP2 (DTensor) parameters of the debug model, fused and foreach."""
+    _join(rank, world, store)
+    tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(rank))
+    results = {"start": _full_state(build.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu")))}
+    for implementation in ("fused", "foreach"):
+        model = build.build_model(flavor_config("debug"), TRAINING, "", torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **{implementation: True})
+        for _ in range(2):
+            model(tokens).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[implementation] = _full_state(model)
+        results["dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_fused_adamw_steps_dtensor_shards_as_foreach_does(tmp_path):
+    """torch 2.11's fused AdamW (what build_optimizer picks on CUDA) on FSDP2's DTensor shards, world size 2."""
+    out, store = tmp_path / "adamw.pt", tmp_path / "store-adamw"
+    mp.start_processes(_adamw_steps, args=(2, str(store), str(out)), nprocs=2, start_method="spawn", join=True)
+    result = torch.load(out)
+    assert result["dtensor"]
+    for name, start in result["start"].items():
+        assert not torch.equal(result["fused"][name], start), name  # the step moved every parameter
+        torch.testing.assert_close(result["fused"][name], result["foreach"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_float8_converts_the_blocks_linears_or_says_what_is_missing(monkeypatch):
+    model = Qwen3Model(flavor_config("debug"))
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(UserError, match=r"^training.float8: torchao does not import .*; pip install '\.\[float8\]' "
+                                            r"\(torchao 0.18\), or set training.float8 = false$"):
+            build.apply_float8(model.layers)
+        return
+    build.apply_float8(model.layers)
+    converted = {name for name, module in model.named_modules() if type(module).__name__ == "Float8Linear"}
+    assert converted == {f"layers.{i}.{part}" for i in range(2) for part in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+        "feed_forward.w3")}
+    assert type(model.output) is torch.nn.Linear  # the head stays: the loss uses its weight directly
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # and where it does not import, one line says so
+    with pytest.raises(UserError, match=r"^training.float8: torchao does not import"):
+        build.apply_float8(Qwen3Model(flavor_config("debug")).layers)
 
 
 def _build_32b(rank: int, world: int, store: str, out: str) -> None:

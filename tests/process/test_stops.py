@@ -1,14 +1,16 @@
 """Ctrl-C stops a run the way a preemption does: the first checkpoints at the end of the step and exits 75 (run
-again to continue), a second stops at once; neither prints a traceback."""
+again to continue), a second stops at once; neither prints a traceback. A SIGTERM to torchrun gets the checkpoint
+written before torchrun's SIGKILL, even while a step takes longer than that."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from train_process import DEBUG_CONFIG, finish, launch
+from train_process import DEBUG_CONFIG, REPO, TORCHRUN, finish, launch
 
 from recipes.checkpoint import complete_checkpoints
 from recipes.errors import PREEMPTED_EXIT_CODE
@@ -50,3 +52,26 @@ def test_a_second_ctrl_c_stops_at_once(env, tmp_path):
     assert "Traceback" not in console and "KeyboardInterrupt" not in console, console[-3000:]
     assert "stopped at once (second Ctrl-C)" in console
     assert not complete_checkpoints(out / "checkpoints")
+
+
+def test_sigterm_to_torchrun_in_a_step_longer_than_its_grace_period_checkpoints_before_the_sigkill(env, tmp_path):
+    """torchrun passes SIGTERM on to its workers and SIGKILLs them 30 s later. With steps of 3 micro-batches of
+    12 s each (tests/process/train_slow.py), a step signalled at its start ends after that; the ranks agree between
+    micro-batches to abandon it, save the step before and exit 75 in time, and the hold is released."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = ["--config", str(DEBUG_CONFIG), "--training.steps", "4", "--training.seq_len", "64",
+            "--training.local_batch_size", "3", "--training.grad_accum_steps", "3", "--metrics.log_every", "1",
+            "--metrics.wandb", "false", "--job.output_dir", str(out)]
+    with open(log, "w") as output:
+        torchrun = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "tests/process/train_slow.py",
+                                     "12", *args], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    started(out, torchrun, steps=1)  # step 2 has begun: it would end 36 s from now
+    torchrun.send_signal(signal.SIGTERM)
+    torchrun.wait(timeout=300)
+    console = log.read_text()
+    assert "forcefully exiting via" not in console, console[-3000:]
+    assert "[rank0] preempted (SIGTERM) at step 1 (step 2 abandoned" in console, console[-3000:]
+    assert [path.name for path in complete_checkpoints(out / "checkpoints")] == ["step-00000001"]
+    state = json.loads((out / "checkpoints" / "step-00000001" / "train_state.json").read_text())
+    assert state["data"]["tokens_consumed"] == 2 * 3 * 65  # step 1's batch only: step 2's comes first on resume
+    assert not (out / ".hold").exists()

@@ -122,7 +122,8 @@ def test_backend_array_then_comparison(slurm_cluster, tmp_path):
     assert tasks[3]["JobState"] == "COMPLETED", (group_dir / f"qwen3-repeat-{repeat_job}.log").read_text()
     assert compare["JobState"] == "COMPLETED", compare_log
     # The repeat (sdpa twice) calibrates the verdict: 4 runs, 6 pairs, one of them the repeat.
-    assert "AGREE: all 6 pairs within tolerance (floor from sdpa (qwen3_sdpa) vs sdpa (qwen3_sdpa_repeat))" in compare_log
+    assert ("AGREE: all 6 pairs within tolerance (floor from sdpa (qwen3_sdpa) vs sdpa (qwen3_sdpa_repeat))"
+            in compare_log)
     assert (group_dir / "compare.png").is_file() and json.loads((group_dir / "compare.json").read_text())["calibrated"]
     # afterok: the comparison started only after every training task had ended.
     assert (datetime.fromisoformat(compare["StartTime"])

@@ -1,0 +1,149 @@
+"""Speed levers measured one at a time in one process, without the data loader or a whole training run.
+
+- blocks: transformer blocks of a flavor, forward + backward, compiled as in training, varlen document attention on
+  packed documents of realistic lengths; variant bf16 or fp8 (training.float8: torchao, tensorwise). At 4B, fp8
+  against bf16 is the lever's decision (it is kept only at >= 1.1x).
+- adamw: the optimizer step of the flavor's whole model, FSDP2-sharded at world size 1 (DTensor parameters, as in
+  training), fused against foreach.
+
+Medians of CUDA-event times after warm-up. Run on the GPU machine:
+
+    python benchmarks/levers.py --parts blocks,adamw --out results/levers.json
+    python benchmarks/levers.py --parts blocks --flavor 1.7B --variants bf16,fp8
+    python benchmarks/levers.py --device cpu --flavor debug --tokens 256 --blocks 1 --repeats 2 --eager  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+from loss import Timer  # noqa: E402  (benchmarks/loss.py: CUDA events, or wall time on CPU)
+
+from recipes import build, parallel  # noqa: E402
+from recipes.config import TrainingConfig  # noqa: E402
+from recipes.qwen3.attention import build_backend  # noqa: E402
+from recipes.qwen3.model import TransformerBlock, flavor_config, rope_cache  # noqa: E402
+
+VARIANTS = ("bf16", "fp8")  # the blocks' matmuls in bfloat16, or in float8 (training.float8)
+
+
+def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(rows, seq) starts of documents with lognormal lengths (median ~700 tokens, as the standard library's files
+    give with the Qwen3 tokenizer), packed and cut at row ends as the loader does."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(rows * seq, dtype=torch.bool)
+    position = 0
+    while position < rows * seq:
+        starts[position] = True
+        length = torch.empty(1).log_normal_(mean=6.55, std=1.0, generator=generator).item()
+        position += max(1, int(length))
+    return starts.view(rows, seq)
+
+
+def median_ms(timer: Timer, fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer(fn) for _ in range(repeats))
+
+
+def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
+    if variant not in VARIANTS:
+        raise SystemExit(f"levers.py: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    config = flavor_config(args.flavor, attention="varlen", mask="document")
+    backend = build_backend("varlen", "document", "auto")
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([TransformerBlock(config, backend) for _ in range(args.blocks)])
+    blocks = blocks.to(device=device, dtype=torch.bfloat16)
+    if variant == "fp8":
+        build.apply_float8(blocks)
+    if not args.eager:
+        for block in blocks:
+            block.compile(fullgraph=True)
+    rows, seq = 2, args.tokens // 2
+    rope = rope_cache(config.head_dim, seq, config.rope_theta, device=device)
+    meta = backend.attention_meta(document_starts(rows, seq), device)
+    x = torch.randn(rows, seq, config.dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        h = x
+        for block in blocks:
+            h = block(h, rope, meta)
+        h.float().square().mean().backward()
+
+    started = time.perf_counter()
+    step()  # compiles
+    compile_s = time.perf_counter() - started
+    ms = median_ms(timer, step, args.warmup, args.repeats)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"part": "blocks", "flavor": args.flavor, "variant": variant, "blocks": args.blocks,
+            "tokens": rows * seq, "ms": ms, "ms_per_block": ms / args.blocks, "first_call_s": compile_s}
+
+
+def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
+    """The optimizer step over the flavor's whole model as train.py builds it (FSDP2 DTensors)."""
+    parallel.init_distributed()
+    training = TrainingConfig(dtype="bfloat16" if device.type == "cuda" else "float32")
+    model = build.build_model(flavor_config(args.flavor), training, "", device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    rows = []
+    for implementation in ("fused", "foreach"):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **{implementation: True})
+        ms = median_ms(timer, optimizer.step, args.warmup, args.repeats)
+        rows.append({"part": "adamw", "flavor": args.flavor, "variant": implementation, "ms": ms,
+                     "params": model.num_params()})
+        del optimizer
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw")
+    parser.add_argument("--flavor", default="4B", help="the blocks' flavor")
+    parser.add_argument("--adamw-flavor", default="0.6B")
+    parser.add_argument("--variants", default="bf16,fp8", help="comma-separated block variants: bf16, fp8")
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens a step, in two packed rows")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eager", action="store_true", help="do not compile the blocks")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (after every case)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    timer = Timer(device)
+    rows = []
+
+    def record(new: list[dict]) -> None:
+        for row in new:
+            print(json.dumps(row), flush=True)
+        rows.extend(new)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            args.out.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=1))
+
+    parts = args.parts.split(",")
+    if "blocks" in parts:
+        for variant in args.variants.split(","):
+            record([blocks_case(args, variant, device, timer)])
+            torch.compiler.reset()
+    if "adamw" in parts:
+        record(adamw_case(argparse.Namespace(**{**vars(args), "flavor": args.adamw_flavor}), device, timer))
+    print("\n| part | flavor | variant | ms |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['part']} | {row['flavor']} | {row['variant']} | {row['ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
