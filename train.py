@@ -21,17 +21,28 @@ from pathlib import Path
 
 import torch
 
-from recipes import build, checkpoint, data, optim, parallel
-from recipes.config import expand_path, load_config
+from recipes import build, checkpoint, optim, parallel, startup
+from recipes.config import config_help, expand_path, load_config, to_toml
 from recipes.errors import PREEMPTED_EXIT_CODE, NonFiniteError, RecipeError
 from recipes.evaluation import validation_loss
 from recipes.flops import ThroughputWindow, peak_flops
-from recipes.metrics import MetricsLogger, build_profiler, peak_memory_gib
+from recipes.metrics import MetricsLogger, build_profiler, finished_line, peak_memory_gib, timed
 from recipes.qwen3.loss import mean_loss
 from recipes.run import outputs
 from recipes.run.hold import RunHold
+from recipes.trained import export, generate
 
 log = logging.getLogger("train")
+SAMPLE_TOKENS = 32  # the length of an [eval] sample_every continuation
+
+OVERRIDES_HELP = """\
+Any key below can be set on the command line, after the file, as --section.key VALUE or --section.key=VALUE
+(the last one wins). VALUE is read as the key's type: STR as is, INT/FLOAT/BOOL as TOML (3e-4, 1_000, true),
+LIST[STR] comma-separated. Example:
+  python train.py --config configs/qwen3_debug.toml --training.steps 50 --optimizer.lr 1e-3 --job.output_dir outputs/try
+Every key is explained in docs/config.md.
+
+"""
 
 
 # torchrun SIGKILLs its workers 30 s after passing them a SIGTERM (a fixed timeout in torch 2.11's
@@ -64,57 +75,102 @@ class PreemptionFlag:
 
 
 def setup_logging(dist_: parallel.Distributed) -> None:
-    logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank{dist_.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-    if (dist_.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))):
+    # Libraries (torchtitan logs to the root logger, torch warns through `warnings`) say the same on every rank:
+    # rank 0 says it once; the other ranks keep only the recipe's own warnings.
+    logging.basicConfig(
+        level=logging.INFO if dist_.is_main else logging.ERROR,
+        format=f"%(asctime)s [rank{dist_.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    if not dist_.is_main:
+        logging.captureWarnings(True)
+        for name in ("train", "recipes"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if (
+        dist_.is_main
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    ):
         # torchrun then keeps one store across restarts, and what a killed attempt left there can send the
         # restarted ranks to dead peers' ports (pytorch/pytorch#135712).
-        log.warning("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
-                    "restart may fail to connect its ranks")
+        log.warning(
+            "torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
+            "restart may fail to connect its ranks"
+        )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=OVERRIDES_HELP + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --config FILE [--dry-run] [--section.key VALUE ...]",
+    )
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/qwen3_debug.toml")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data, tokenizer, model shape and output folder, print what the run "
+        "would do, and write nothing into the output folder",
+    )
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     dist_ = parallel.init_distributed()
-    setup_logging(dist_)
-    preemption = PreemptionFlag()
-    output_dir = expand_path(config.job.output_dir)
-    with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
-        saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
-        return train(config, dist_, output_dir, saved, preemption)
+    try:
+        setup_logging(dist_)
+        preemption = PreemptionFlag()
+        output_dir = expand_path(config.job.output_dir)
+        if args.dry_run:
+            return startup.dry_run(config, dist_, output_dir)
+        with RunHold.for_run(output_dir, dist_.is_main) as hold:  # one live run per folder; refuses another's
+            saved = outputs.check_output_dir(output_dir, config, ignore=hold.files)  # refuses a different run's
+            resume = startup.resume_point(output_dir, config, saved)  # a load_step without its checkpoint: refused
+            folder, step, superseded = resume
+            if step == config.training.steps and not superseded:  # nothing to train: no config.toml, no W&B run
+                checkpoint.check_readable(folder)  # but a damaged last checkpoint is said, not "finished"
+                log.info(finished_line(output_dir, folder))
+                return 0
+            return train(config, dist_, output_dir, saved, resume, preemption)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preemption: PreemptionFlag) -> int:
+def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, preemption: PreemptionFlag) -> int:
     t, device = config.training, dist_.device
+    if config.job.print_config:
+        log.info("resolved config (as saved to config.toml):\n%s", to_toml(config))
     torch.manual_seed(t.seed)
     parallel.set_deterministic(t.deterministic)
 
-    # Tokenizer and data: rank 0 fills the cache first, the others then read it.
-    cache_dir = data.default_cache_dir()
-    with parallel.main_rank_first():
-        tokenizer = data.build_tokenizer(config.data, cache_dir)
-        loader = data.build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, dist_.rank,
-                                       dist_.world_size, t.seed, cache_dir)
-        heldout = data.heldout_batches(config, tokenizer, dist_.rank, dist_.world_size, cache_dir)
-    shape = build.model_shape(config, tokenizer.eos_id)
-    build.check_fits(shape, t.seq_len, tokenizer)
-
-    model = build.build_model(shape, t, config.model.init_from, device)
-    log.info("model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
-             config.run_name, model.num_params() / 1e6, shape.attention, shape.mask, config.data.dataset,
-             tokenizer.name, dist_.world_size, device.type)
+    tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
+    with timed("model: building"):
+        model = build.build_model(
+            shape, t, config.model.init_from, device, parallel.device_mesh(config.parallel.replicate, device)
+        )
+    log.info(
+        "model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
+        config.run_name,
+        model.num_params() / 1e6,
+        shape.attention,
+        shape.mask,
+        config.data.dataset,
+        tokenizer.name,
+        dist_.world_size,
+        device.type,
+    )
     optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
     checkpoints = output_dir / "checkpoints"
-    start_step = checkpoint.load_latest(checkpoints, model, optimizer, scheduler, loader, t.steps) if saved else 0
+    folder, _, superseded = resume
+    start_step = checkpoint.load(folder, model, optimizer, scheduler, loader, t.steps) if folder else 0
     if start_step:
         optim.apply_settings(optimizer, scheduler, config.optimizer)
     # Every input, the checkpoint included, is checked: from here on the run writes, config.toml first.
-    changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main)
-    metrics = MetricsLogger(output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed)
+    changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, superseded)
+    metrics = MetricsLogger(
+        output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed, on_cpu=device.type == "cpu"
+    )
     peak = peak_flops(device)
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
@@ -122,11 +178,20 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
     def stop_preempted(last_step: int, abandoned: str = "") -> int:
         if config.checkpoint.enable:
             checkpoint.save(checkpoints, last_step, model, optimizer, scheduler, loader, config.checkpoint.keep)
-        log.warning("preempted (%s) at step %d%s: %s", preemption.signal_name or "signal on another rank", last_step,
-                    abandoned, "checkpoint saved; run again to continue" if config.checkpoint.enable
-                    else "checkpoint.enable=false, so nothing was saved")
+        log.warning(
+            "preempted (%s) at step %d%s: %s",
+            preemption.signal_name or "signal on another rank",
+            last_step,
+            abandoned,
+            "checkpoint saved; run again to continue"
+            if config.checkpoint.enable
+            else "checkpoint.enable=false, so nothing was saved",
+        )
         return PREEMPTED_EXIT_CODE
 
+    log.info(
+        "training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1, t.steps
+    )
     train_start = time.perf_counter()
     step, long_steps = start_step, False
     try:
@@ -135,25 +200,50 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
             batch = next(loader)
             throughput.add(batch)
             try:
-                loss, grad_norm, preempted, seconds = train_step(model, batch, optimizer, scheduler, step, t, device,
-                                                                 preemption, agree_between_micro_batches=long_steps)
+                loss, grad_norm, preempted, seconds = train_step(
+                    model,
+                    batch,
+                    optimizer,
+                    scheduler,
+                    step,
+                    t,
+                    device,
+                    preemption,
+                    agree_between_micro_batches=long_steps,
+                )
             except StepAbandoned:
                 loader.load_state_dict(position)  # the resumed run starts with this step's batch
-                return stop_preempted(step - 1, f" (step {step} abandoned: steps take longer than a third of the "
-                                                f"{KILL_GRACE_S:.0f} s before SIGKILL)")
+                return stop_preempted(
+                    step - 1,
+                    f" (step {step} abandoned: steps take longer than a third of the "
+                    f"{KILL_GRACE_S:.0f} s before SIGKILL)",
+                )
             long_steps = seconds > KILL_GRACE_S / 3
+            if step == start_step + 1:
+                log.info("first step: done in %.1f s", time.perf_counter() - train_start)
             if profiler is not None:
                 profiler.step()
 
             last = step == t.steps
             evaluate = config.eval.interval and (step % config.eval.interval == 0 or last)
-            if step % config.metrics.log_every == 0 or last or preempted or evaluate:
-                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       **throughput.rates(peak), "peak_memory_gib": peak_memory_gib(device),
-                       "elapsed_s": time.perf_counter() - train_start}
+            sample = config.eval.sample_every and step % config.eval.sample_every == 0
+            if step % config.metrics.log_every == 0 or last or preempted or evaluate or sample:
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    **throughput.rates(peak),
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "tokens": step * t.local_batch_size * dist_.world_size * t.seq_len,
+                    "elapsed_s": time.perf_counter() - train_start,
+                }
                 if evaluate:
                     row["val_loss"] = validation_loss(model, heldout, device, t.local_batch_size // t.grad_accum_steps)
                     throughput.reset()  # the evaluation's time belongs to no training step
+                if sample:  # every rank runs the sharded model on the same tokens: the same greedy text
+                    row["sample"] = generate(model, tokenizer, config.eval.sample_prompt, SAMPLE_TOKENS)
+                    throughput.reset()
                 metrics.log(row)
 
             if preempted:
@@ -161,18 +251,35 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, preempti
             interval = config.checkpoint.interval
             if config.checkpoint.enable and ((interval and step % interval == 0) or last):
                 checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
-        log.info("done: %d steps in %.1f s; outputs in %s", step - start_step, time.perf_counter() - train_start,
-                 output_dir)
+        newest = checkpoint.complete_checkpoints(checkpoints)
+        if config.checkpoint.export_hf:
+            torch.distributed.destroy_process_group()  # the export reads the whole checkpoint in rank 0 alone
+            if dist_.is_main:
+                with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
+                    export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
+        log.info(
+            metrics.summary(
+                start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None, output_dir
+            )
+        )
         return 0
     finally:
         if profiler is not None:
             profiler.stop()
         metrics.close()
-        torch.distributed.destroy_process_group()
 
 
-def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.device, preemption: PreemptionFlag,
-               agree_between_micro_batches: bool) -> tuple[float, float, bool, float]:
+def train_step(
+    model,
+    batch,
+    optimizer,
+    scheduler,
+    step: int,
+    t,
+    device: torch.device,
+    preemption: PreemptionFlag,
+    agree_between_micro_batches: bool,
+) -> tuple[float, float, bool, float]:
     """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
     (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
     finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, whether
@@ -193,12 +300,15 @@ def train_step(model, batch, optimizer, scheduler, step: int, t, device: torch.d
         loss_sum += loss.detach()
     grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
     loss_value, grad_norm_value, preempted, seconds = parallel.step_stats(
-        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
+        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start
+    )
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
         message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
         if not t.skip_nonfinite:
-            raise NonFiniteError(message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
-                                           "training.skip_nonfinite=true to skip such steps")
+            raise NonFiniteError(
+                message + "; the last good checkpoint is kept. Lower optimizer.lr, or set "
+                "training.skip_nonfinite=true to skip such steps"
+            )
         log.warning("%s: step skipped (training.skip_nonfinite)", message)
     else:
         optimizer.step()

@@ -31,9 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # backend-mask-seq_len-(compile|eager); local batch keeps 16k tokens per GPU per step.
 DEFAULT_CASES = [
-    "varlen-document-4096-compile", "flex-document-4096-compile", "sdpa-causal-4096-compile",
-    "sdpa-document-4096-compile", "varlen-document-8192-compile", "sdpa-causal-8192-compile",
-    "sdpa-causal-4096-eager", "varlen-document-4096-eager",
+    "varlen-document-4096-compile",
+    "flex-document-4096-compile",
+    "sdpa-causal-4096-compile",
+    "sdpa-document-4096-compile",
+    "varlen-document-8192-compile",
+    "sdpa-causal-8192-compile",
+    "sdpa-causal-4096-eager",
+    "varlen-document-4096-eager",
 ]
 DEFAULT_TORCHTITAN = ["sdpa-causal-4096-compile", "varlen-document-8192-compile"]
 TOKENS_PER_GPU = 16384
@@ -45,9 +50,18 @@ def parse_case(case: str, flavor: str) -> dict:
     if mode not in ("compile", "eager") or not seq_len.isdigit():
         raise SystemExit(f"benchmark.py: case {case!r} is not BACKEND-MASK-SEQ-(compile|eager)[-OPTION...]")
     seq = int(seq_len)
-    spec = {"case": case, "backend": backend, "mask": mask, "seq_len": seq, "compile": mode == "compile",
-            "local_batch_size": max(1, TOKENS_PER_GPU // seq), "kernel": "auto", "ac": "none", "flavor": flavor,
-            "float8": False}
+    spec = {
+        "case": case,
+        "backend": backend,
+        "mask": mask,
+        "seq_len": seq,
+        "compile": mode == "compile",
+        "local_batch_size": max(1, TOKENS_PER_GPU // seq),
+        "kernel": "auto",
+        "ac": "none",
+        "flavor": flavor,
+        "float8": False,
+    }
     for option in options:
         if option in ("torch", "fa4"):
             spec["kernel"] = option
@@ -67,12 +81,18 @@ def parse_case(case: str, flavor: str) -> dict:
 def summarize(rows: list[dict], skip: int) -> dict:
     """Medians over the steps after the first `skip` (compilation and warm-up)."""
     timed = rows[skip:] or rows[-1:]
+
     def median(key):
         values = [r[key] for r in timed if r.get(key) is not None]
         return statistics.median(values) if values else None
-    return {"tokens_per_sec_per_gpu": median("tokens_per_sec_per_gpu"), "mfu": median("mfu"),
-            "mfu_torchtitan": median("mfu_torchtitan"), "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
-            "steps": rows[-1]["step"]}
+
+    return {
+        "tokens_per_sec_per_gpu": median("tokens_per_sec_per_gpu"),
+        "mfu": median("mfu"),
+        "mfu_torchtitan": median("mfu_torchtitan"),
+        "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
+        "steps": rows[-1]["step"],
+    }
 
 
 def run_case(command: list[str], log, timeout: int, env: dict | None = None) -> int | str:
@@ -91,18 +111,50 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     out = work / f"ours-{spec['case']}"
     shutil.rmtree(out, ignore_errors=True)  # a rerun measures anew instead of being refused by the old folder
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
         str(REPO / "train.py"),
-        "--config", str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
-        "--model.flavor", spec["flavor"], "--model.mask", spec["mask"], "--model.kernel", spec["kernel"],
-        "--training.activation_checkpoint", spec["ac"],
-        "--training.float8", str(spec["float8"]).lower(),
-        "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
-        "--training.steps", str(args.steps), "--training.compile", str(spec["compile"]).lower(),
-        "--training.dtype", "bfloat16", "--optimizer.warmup_steps", "10",
-        "--data.tokenizer", args.tokenizer, "--checkpoint.enable", "false", "--checkpoint.resume", "false",
-        "--metrics.log_every", "1", "--metrics.wandb", "false", "--job.output_dir", str(out),
-        "--metrics.profile", str(spec["case"] in args.profile).lower(),
+        "--config",
+        str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
+        "--model.flavor",
+        spec["flavor"],
+        "--model.mask",
+        spec["mask"],
+        "--model.kernel",
+        spec["kernel"],
+        "--training.activation_checkpoint",
+        spec["ac"],
+        "--training.float8",
+        str(spec["float8"]).lower(),
+        "--training.seq_len",
+        str(spec["seq_len"]),
+        "--training.local_batch_size",
+        str(spec["local_batch_size"]),
+        "--training.steps",
+        str(args.steps),
+        "--training.compile",
+        str(spec["compile"]).lower(),
+        "--training.dtype",
+        "bfloat16",
+        "--optimizer.warmup_steps",
+        "10",
+        "--data.tokenizer",
+        args.tokenizer,
+        "--checkpoint.enable",
+        "false",
+        "--checkpoint.resume",
+        "false",
+        "--metrics.log_every",
+        "1",
+        "--metrics.wandb",
+        "false",
+        "--job.output_dir",
+        str(out),
+        "--metrics.profile",
+        str(spec["case"] in args.profile).lower(),
     ]
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
@@ -110,14 +162,24 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         rc = run_case(command, f, args.case_timeout)
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
-        return {**spec, "impl": "ours", "error": f"rc={rc}, see {log.name}", "log_tail": log.read_text()[-3000:],
-                "wall_s": time.time() - started}
+        return {
+            **spec,
+            "impl": "ours",
+            "error": f"rc={rc}, see {log.name}",
+            "log_tail": log.read_text()[-3000:],
+            "wall_s": time.time() - started,
+        }
     from recipes.run.runs import read_metrics
 
     rows = read_metrics(out)
     kernel = re.search(r"attention: varlen runs (.*?) on", log.read_text())
-    result = {**spec, "impl": "ours", **summarize(rows, args.skip), "wall_s": time.time() - started,
-              "kernel_ran": kernel[1] if kernel else None}
+    result = {
+        **spec,
+        "impl": "ours",
+        **summarize(rows, args.skip),
+        "wall_s": time.time() - started,
+        "kernel_ran": kernel[1] if kernel else None,
+    }
     if (out / "profile" / "top_kernels.txt").is_file():
         result["profile"] = (out / "profile" / "top_kernels.txt").read_text()
     return result
@@ -138,13 +200,33 @@ def torchtitan_setup(args, work: Path) -> Path:
 def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     tt = REPO / "benchmarks" / "torchtitan"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
         "torchtitan.train",
-        "--job.config_file", str(tt / "base.toml"), "--job.dump_folder", str(work / f"tt-{spec['case']}"),
-        "--model.hf_assets_path", args.tokenizer, "--experimental.custom_import", "ttflavors",
-        "--model.flavor", f"{spec['flavor']}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
-        "--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"]),
-        "--training.steps", str(args.steps), "--training.dataset_path", str(corpus), "--metrics.log_freq", "1",
+        "--job.config_file",
+        str(tt / "base.toml"),
+        "--job.dump_folder",
+        str(work / f"tt-{spec['case']}"),
+        "--model.hf_assets_path",
+        args.tokenizer,
+        "--experimental.custom_import",
+        "ttflavors",
+        "--model.flavor",
+        f"{spec['flavor']}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
+        "--training.seq_len",
+        str(spec["seq_len"]),
+        "--training.local_batch_size",
+        str(spec["local_batch_size"]),
+        "--training.steps",
+        str(args.steps),
+        "--training.dataset_path",
+        str(corpus),
+        "--metrics.log_freq",
+        "1",
         "--compile.enable" if spec["compile"] else "--compile.no-enable",
     ]
     env = {**os.environ, "PYTHONPATH": f"{tt}:{os.environ.get('PYTHONPATH', '')}"}
@@ -153,17 +235,30 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     with open(log, "w") as f:
         rc = run_case(command, f, args.case_timeout, env)
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
-    rows = [{"step": int(m[1]), "peak_memory_gib": float(m[2]), "tokens_per_sec_per_gpu": float(m[3].replace(",", "")),
-             "mfu_torchtitan": float(m[4]) / 100, "mfu": None}
-            for m in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%", text)]
+    rows = [
+        {
+            "step": int(m[1]),
+            "peak_memory_gib": float(m[2]),
+            "tokens_per_sec_per_gpu": float(m[3].replace(",", "")),
+            "mfu_torchtitan": float(m[4]) / 100,
+            "mfu": None,
+        }
+        for m in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%", text)
+    ]
     if rc != 0 or not rows:
-        return {**spec, "impl": "torchtitan-0.2.2", "error": f"rc={rc}, see {log.name}", "log_tail": text[-3000:],
-                "wall_s": time.time() - started}
+        return {
+            **spec,
+            "impl": "torchtitan-0.2.2",
+            "error": f"rc={rc}, see {log.name}",
+            "log_tail": text[-3000:],
+            "wall_s": time.time() - started,
+        }
     return {**spec, "impl": "torchtitan-0.2.2", **summarize(rows, args.skip), "wall_s": time.time() - started}
 
 
-def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8,
-               head_dim: int = 128) -> list[dict]:
+def gqa_memory(
+    seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads: int = 8, head_dim: int = 128
+) -> list[dict]:
     """Peak memory of attention forward+backward with GQA in the kernel vs K/V repeated to the query heads."""
     import torch
     import torch.nn.functional as F
@@ -173,8 +268,10 @@ def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         q = torch.randn(batch, q_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
-                            requires_grad=True) for _ in range(2))
+        k, v = (
+            torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2)
+        )
         base = torch.cuda.memory_allocated()
         if repeat:
             kr, vr = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
@@ -183,39 +280,64 @@ def gqa_memory(seq_len: int = 8192, batch: int = 2, q_heads: int = 16, kv_heads:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out.sum().backward()
         torch.cuda.synchronize()
-        results.append({"kv": "repeated" if repeat else "gqa in kernel",
-                        "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20})
+        results.append(
+            {
+                "kv": "repeated" if repeat else "gqa in kernel",
+                "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+            }
+        )
         del q, k, v, out
     return results
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| impl | case | flavor | seq × local batch | AC | tokens/s/GPU | MFU (useful) | MFU (torchtitan) | "
-             "peak mem GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| impl | case | flavor | seq × local batch | AC | tokens/s/GPU | MFU (useful) | MFU (torchtitan) | "
+        "peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         head = f"| {r['impl']} | {r['case']} | {r['flavor']} | {r['seq_len']} × {r['local_batch_size']} | {r['ac']} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error']} | | | |")
             continue
         pct = lambda x: "—" if x is None else f"{x:.1%}"
-        lines.append(f"{head} {r['tokens_per_sec_per_gpu']:,.0f} | {pct(r['mfu'])} | {pct(r['mfu_torchtitan'])} | "
-                     f"{r['peak_memory_gib']:.1f} |")
+        lines.append(
+            f"{head} {r['tokens_per_sec_per_gpu']:,.0f} | {pct(r['mfu'])} | {pct(r['mfu_torchtitan'])} | "
+            f"{r['peak_memory_gib']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (the real Qwen3 one)")
-    parser.add_argument("--flavor", default="0.6B")
-    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
-    parser.add_argument("--torchtitan", nargs="*", default=DEFAULT_TORCHTITAN, help="cases for the baseline; 'none'")
-    parser.add_argument("--gqa-memory", action="store_true")
+    parser.add_argument("--flavor", default="0.6B", help="model flavor of every case without f=FLAVOR")
+    parser.add_argument(
+        "--cases",
+        nargs="*",
+        default=DEFAULT_CASES,
+        metavar="CASE",
+        help="recipe cases, BACKEND-MASK-SEQ-MODE[-OPTION...] (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torchtitan",
+        nargs="*",
+        default=DEFAULT_TORCHTITAN,
+        metavar="CASE",
+        help="cases for torchtitan's own Trainer, or 'none' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gqa-memory",
+        action="store_true",
+        help="also measure attention memory with GQA in the kernel against K/V repeated",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per case")
     parser.add_argument("--profile", nargs="*", default=[], help="cases to run with [metrics] profile")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=25, help="training steps per case")
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compile, warm-up)")
-    parser.add_argument("--case-timeout", type=int, default=240)
-    parser.add_argument("--work", default="/tmp/benchmark")
+    parser.add_argument("--case-timeout", type=int, default=240, help="seconds before a case is stopped")
+    parser.add_argument("--work", default="/tmp/benchmark", help="scratch folder for the runs and their logs")
     parser.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md")
     args = parser.parse_args()
     work = Path(args.work)

@@ -2,6 +2,7 @@
 # The performance half of docs/results.md in one go on a 2-GPU machine: real-kernel tests, benchmarks/benchmark.py
 # (the recipe per backend beside torchtitan 0.2.2's Trainer, GQA memory) and a torch.profiler summary of one case.
 #   bash benchmarks/gpu_benchmark.sh QWEN3_TOKENIZER_DIR [DEST]      (benchmarks/prepare_qwen3_tokenizer.sh makes the dir)
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 tokenizer=$(cd "$1" && pwd)  # both relative to the caller's folder
 dest=${2:-${OUT:-/tmp/benchmark-results}}

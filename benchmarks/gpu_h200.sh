@@ -7,6 +7,7 @@
 # WHEELS_DIR: wheels the image lacks (benchmarks/gpu_setup.sh wheels); FA4 must already be importable
 # (benchmarks/gpu_setup.sh fa4-stage, then fa4-install, first). QWEN3_TOKENIZER_DIR: benchmarks/prepare_qwen3_tokenizer.sh's
 # folder (tokenizer.json may be xz'ed). PART: tests | speed | memory | all.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 wheels=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd); part=$3
 dest=${4:-${OUT:-/tmp/h200-results}}

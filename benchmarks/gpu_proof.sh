@@ -11,6 +11,7 @@
 # summary.json to DEST (default $OUT or /tmp/proof). About 5 minutes on 1×H200. Exit code 0 when every verdict is
 # the expected one. Options after DEST go to train_backends.sh (--preset cpu rehearses the whole script on a CPU).
 #   bash benchmarks/gpu_proof.sh [DEST [train_backends.sh options]]
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 dest=${1:-${OUT:-/tmp/proof}}
 shift || true

@@ -13,6 +13,7 @@
 #   eval "$(bash benchmarks/gpu_setup.sh fa4-install DEST/b)"   call 2, while that machine is still held:
 #                                                 installs FA4 into /tmp/fa4-site and puts it on PYTHONPATH
 # Where pip on the GPU machine reaches PyPI, `pip install ".[fa4]"` replaces the fa4 steps.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 command=${1:?usage: gpu_setup.sh wheels|fa4|fa4-stage|fa4-install DIR}

@@ -84,8 +84,16 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     ms = median_ms(timer, step, args.warmup, args.repeats)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"part": "blocks", "flavor": args.flavor, "variant": variant, "blocks": args.blocks,
-            "tokens": rows * seq, "ms": ms, "ms_per_block": ms / args.blocks, "first_call_s": compile_s}
+    return {
+        "part": "blocks",
+        "flavor": args.flavor,
+        "variant": variant,
+        "blocks": args.blocks,
+        "tokens": rows * seq,
+        "ms": ms,
+        "ms_per_block": ms / args.blocks,
+        "first_call_s": compile_s,
+    }
 
 
 def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
@@ -99,8 +107,9 @@ def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
     for implementation in ("fused", "foreach"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **{implementation: True})
         ms = median_ms(timer, optimizer.step, args.warmup, args.repeats)
-        rows.append({"part": "adamw", "flavor": args.flavor, "variant": implementation, "ms": ms,
-                     "params": model.num_params()})
+        rows.append(
+            {"part": "adamw", "flavor": args.flavor, "variant": implementation, "ms": ms, "params": model.num_params()}
+        )
         del optimizer
     return rows
 

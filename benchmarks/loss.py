@@ -30,18 +30,22 @@ GIB = 2**30
 
 def today_path(compile_: bool):
     """train.py before the fused loss: the whole logits, then a compiled mean cross-entropy in float32."""
+
     def ce(logits, labels):
         return F.cross_entropy(logits.float(), labels)
+
     ce = torch.compile(ce) if compile_ else ce
 
     def run(hidden, weight, labels):
         return ce(hidden @ weight.t(), labels)
+
     return run
 
 
 def ours_path(chunk: int):
     def run(hidden, weight, labels):
         return linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk) / (labels != -100).sum()
+
     return run
 
 
@@ -53,6 +57,7 @@ def cce_path():
 
     def run(hidden, weight, labels):
         return cce(hidden, weight, labels, impl="cce")  # its defaults: mean, ignore_index -100, gradient filter
+
     return run
 
 
@@ -97,8 +102,13 @@ def measure(path, hidden, weight, labels, warmup: int, repeats: int, timer: Time
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / GIB
     loss = fwd_bwd(path, hidden, weight, labels)
-    return {"ms": statistics.median(times), "extra_gib": extra, "loss": loss.item(),
-            "grad_hidden": hidden.grad.float(), "grad_weight": weight.grad.float()}
+    return {
+        "ms": statistics.median(times),
+        "extra_gib": extra,
+        "loss": loss.item(),
+        "grad_hidden": hidden.grad.float(),
+        "grad_weight": weight.grad.float(),
+    }
 
 
 def fp32_reference(hidden, weight, labels, chunk: int = 4096) -> dict:
@@ -108,7 +118,7 @@ def fp32_reference(hidden, weight, labels, chunk: int = 4096) -> dict:
     w = weight.detach().float().requires_grad_()
     count, total = (labels != -100).sum(), 0.0
     for start in range(0, h.shape[0], chunk):
-        loss = F.cross_entropy(h[start:start + chunk] @ w.t(), labels[start:start + chunk], reduction="sum") / count
+        loss = F.cross_entropy(h[start : start + chunk] @ w.t(), labels[start : start + chunk], reduction="sum") / count
         loss.backward()
         total += loss.item()
     return {"loss": total, "grad_hidden": h.grad, "grad_weight": w.grad}
@@ -121,22 +131,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="16384,32768,65536", help="comma-separated token counts")
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=1024, help="hidden size")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen3's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
     parser.add_argument("--chunks", default=str(CHUNK_TOKENS), help="comma-separated chunk sizes for ours")
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to -100")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the hidden states and weight")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available, else cpu"
+    )
     parser.add_argument("--eager", action="store_true", help="today's path without torch.compile")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     timer = Timer(device)
-    paths = {"today (logits + compiled CE)" if not args.eager else "today (logits + eager CE)":
-             today_path(not args.eager)}
+    paths = {
+        "today (logits + compiled CE)" if not args.eager else "today (logits + eager CE)": today_path(not args.eager)
+    }
     for chunk in (int(c) for c in args.chunks.split(",")):
         paths[f"ours (chunk {chunk})"] = ours_path(chunk)
     cce = cce_path() if device.type == "cuda" else None
@@ -158,35 +171,61 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in paths.items():
             result = measure(path, hidden, weight, labels, args.warmup, args.repeats, timer)
             reference = reference or result
-            rows.append({"tokens": tokens, "path": name, "ms": result["ms"], "extra_gib": result["extra_gib"],
-                         "loss": result["loss"], "loss_diff": abs(result["loss"] - reference["loss"]),
-                         "grad_hidden_rel_diff": rel(result["grad_hidden"], reference["grad_hidden"]),
-                         "grad_weight_rel_diff": rel(result["grad_weight"], reference["grad_weight"]),
-                         "fp32_loss_diff": abs(result["loss"] - exact["loss"]),
-                         "fp32_grad_hidden_rel_diff": rel(result["grad_hidden"], exact["grad_hidden"]),
-                         "fp32_grad_weight_rel_diff": rel(result["grad_weight"], exact["grad_weight"])})
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "path": name,
+                    "ms": result["ms"],
+                    "extra_gib": result["extra_gib"],
+                    "loss": result["loss"],
+                    "loss_diff": abs(result["loss"] - reference["loss"]),
+                    "grad_hidden_rel_diff": rel(result["grad_hidden"], reference["grad_hidden"]),
+                    "grad_weight_rel_diff": rel(result["grad_weight"], reference["grad_weight"]),
+                    "fp32_loss_diff": abs(result["loss"] - exact["loss"]),
+                    "fp32_grad_hidden_rel_diff": rel(result["grad_hidden"], exact["grad_hidden"]),
+                    "fp32_grad_weight_rel_diff": rel(result["grad_weight"], exact["grad_weight"]),
+                }
+            )
             del result
         del hidden, weight, labels, reference, exact
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{where}, torch {torch.__version__}; dim {args.dim}, vocab {args.vocab}, {args.dtype}, fwd+bwd, "
-          f"median of {args.repeats}; differences (loss: absolute; gradients: relative norm, hidden/weight) "
-          f"against today's path and against plain float32 autograd\n")
-    print("| tokens | path | ms | extra peak GiB | loss | loss diff vs today | grad diff vs today | "
-          "loss diff vs fp32 | grad diff vs fp32 |")
+    print(
+        f"\n{where}, torch {torch.__version__}; dim {args.dim}, vocab {args.vocab}, {args.dtype}, fwd+bwd, "
+        f"median of {args.repeats}; differences (loss: absolute; gradients: relative norm, hidden/weight) "
+        f"against today's path and against plain float32 autograd\n"
+    )
+    print(
+        "| tokens | path | ms | extra peak GiB | loss | loss diff vs today | grad diff vs today | "
+        "loss diff vs fp32 | grad diff vs fp32 |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         memory = "n/a" if r["extra_gib"] is None else f"{r['extra_gib']:.2f}"
-        print(f"| {r['tokens']} | {r['path']} | {r['ms']:.1f} | {memory} | {r['loss']:.6f} | {r['loss_diff']:.1e} | "
-              f"{r['grad_hidden_rel_diff']:.1e} / {r['grad_weight_rel_diff']:.1e} | {r['fp32_loss_diff']:.1e} | "
-              f"{r['fp32_grad_hidden_rel_diff']:.1e} / {r['fp32_grad_weight_rel_diff']:.1e} |")
+        print(
+            f"| {r['tokens']} | {r['path']} | {r['ms']:.1f} | {memory} | {r['loss']:.6f} | {r['loss_diff']:.1e} | "
+            f"{r['grad_hidden_rel_diff']:.1e} / {r['grad_weight_rel_diff']:.1e} | {r['fp32_loss_diff']:.1e} | "
+            f"{r['fp32_grad_hidden_rel_diff']:.1e} / {r['fp32_grad_weight_rel_diff']:.1e} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": where, "torch": torch.__version__, "dim": args.dim,
-                                        "vocab": args.vocab, "dtype": args.dtype, "repeats": args.repeats,
-                                        "rows": rows}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": where,
+                    "torch": torch.__version__,
+                    "dim": args.dim,
+                    "vocab": args.vocab,
+                    "dtype": args.dtype,
+                    "repeats": args.repeats,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

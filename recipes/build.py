@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from recipes.config import Config, TrainingConfig, expand_path
@@ -34,15 +35,20 @@ def check_fits(shape, seq_len: int, tokenizer) -> None:
     if seq_len > shape.max_seq_len:
         raise UserError(f"training.seq_len: {seq_len} exceeds the model's max_seq_len {shape.max_seq_len}; lower it")
     if tokenizer.vocab_size > shape.vocab_size:
-        raise UserError(f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
-                        f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
-                        "(data.vocab_size for the default one)")
+        raise UserError(
+            f"data.tokenizer: vocabulary {tokenizer.vocab_size} exceeds model vocab {shape.vocab_size} "
+            f"({tokenizer.name}); pick a flavor with a larger vocabulary or a smaller tokenizer "
+            "(data.vocab_size for the default one)"
+        )
 
 
-def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device) -> Qwen3Model:
-    """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2, and only
-    then materialised, so each rank allocates its shards alone; weights from training.seed (identical to an
-    unsharded init, whatever the world size) or from the HF checkpoint `init_from`, read shard by shard."""
+def build_model(
+    shape: Qwen3Config, training: TrainingConfig, init_from: str, device: torch.device, mesh: DeviceMesh | None = None
+) -> Qwen3Model:
+    """The model for this process: built on the meta device (no memory), wrapped, sharded with FSDP2 (over every
+    rank, or HSDP over `mesh`), and only then materialised, so each rank allocates its shards alone; weights from
+    training.seed (identical to an unsharded init, whatever the world size and layout) or from the HF checkpoint
+    `init_from`, read shard by shard."""
     with torch.device("meta"):
         model = Qwen3Model(shape)
     if training.float8:
@@ -51,7 +57,7 @@ def build_model(shape: Qwen3Config, training: TrainingConfig, init_from: str, de
         apply_activation_checkpointing(model, training.activation_checkpoint)
     if training.compile:
         apply_compile(model)
-    apply_fsdp(model, getattr(torch, training.dtype))
+    apply_fsdp(model, getattr(torch, training.dtype), mesh)
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
     if init_from:
@@ -67,8 +73,12 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     from torchtitan.config.job_config import ActivationCheckpoint
     from torchtitan.distributed.activation_checkpoint import apply_ac
 
-    save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default,  # the latter: training.float8
-            torch.ops._c10d_functional.reduce_scatter_tensor.default, *ATTENTION_OPS}
+    save = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten._scaled_mm.default,  # the latter: training.float8
+        torch.ops._c10d_functional.reduce_scatter_tensor.default,
+        *ATTENTION_OPS,
+    }
     apply_ac(model, ActivationCheckpoint(mode=mode, selective_ac_option="op"), op_sac_save_list=save)
 
 
@@ -79,10 +89,15 @@ def apply_float8(blocks: torch.nn.Module) -> None:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
-        raise UserError(f"training.float8: torchao does not import ({error}); pip install '.[float8]' (torchao 0.18), "
-                        "or set training.float8 = false") from None
-    convert_to_float8_training(blocks, config=Float8LinearConfig.from_recipe_name("tensorwise"),
-                               module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+        raise UserError(
+            f"training.float8: torchao does not import ({error}); pip install '.[float8]' (torchao 0.18), "
+            "or set training.float8 = false"
+        ) from None
+    convert_to_float8_training(
+        blocks,
+        config=Float8LinearConfig.from_recipe_name("tensorwise"),
+        module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear),
+    )
 
 
 def apply_compile(model: torch.nn.Module) -> None:
@@ -91,8 +106,9 @@ def apply_compile(model: torch.nn.Module) -> None:
         block.compile(fullgraph=True)
 
 
-def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype) -> None:
-    """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head).
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMesh | None = None) -> None:
+    """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head). With a 2-D
+    (replicate, shard) mesh it is HSDP: parameters sharded within a replica, gradients reduced across replicas.
 
     Tied embeddings stay in the root unit with the output head: wrapping tok_embeddings as its own unit would
     split one parameter across two FSDP groups, which torch >= 2.13 refuses.
@@ -103,8 +119,8 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype) -> None:
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -81,8 +81,11 @@ def foreign_names(root: Path) -> list[str]:
     """What lies under checkpoints/ that this recipe did not name: never loaded, never pruned."""
     if not root.is_dir():
         return []
-    return sorted(path.name for path in root.iterdir()
-                  if _step_of(path) is None and not re.fullmatch(r"\.tmp-step-\d{8,}", path.name))
+    return sorted(
+        path.name
+        for path in root.iterdir()
+        if _step_of(path) is None and not re.fullmatch(r"\.tmp-step-\d{8,}", path.name)
+    )
 
 
 def find(root: Path, step: int | None = None) -> Path:
@@ -91,8 +94,10 @@ def find(root: Path, step: int | None = None) -> Path:
     if step is not None:
         folders = [folder for folder in folders if folder == step_folder(root, step)]
     if not folders:
-        raise UserError(f"{root.parent}: no complete checkpoint{'' if step is None else f' at step {step}'}; "
-                        f"train it first or pick --step from {root}")
+        raise UserError(
+            f"{root.parent}: no complete checkpoint{'' if step is None else f' at step {step}'}; "
+            f"train it first or pick --step from {root}"
+        )
     return folders[-1]
 
 
@@ -206,8 +211,10 @@ def save(root: Path, step: int, model, optimizer, scheduler, loader, keep: int) 
     except (OSError, CheckpointException) as error:
         previous = complete_checkpoints(root)
         kept = f"the newest complete checkpoint {previous[-1].name} is intact" if previous else "no checkpoint yet"
-        raise CheckpointWriteError(f"checkpoint: cannot write {tmp} ({_os_reason(error)}); {kept}; free space or "
-                                   "fix the disk, then rerun the same command to resume") from None
+        raise CheckpointWriteError(
+            f"checkpoint: cannot write {tmp} ({_os_reason(error)}); {kept}; free space or "
+            "fix the disk, then rerun the same command to resume"
+        ) from None
 
 
 def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader, keep: int) -> Path:
@@ -222,8 +229,12 @@ def _save(root: Path, tmp: Path, step: int, model, optimizer, scheduler, loader,
     failure = [None]
     if dist.get_rank() == 0:
         try:
-            state = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
-                     "rng": _rng_state()}
+            state = {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "data": loader.state_dict(),
+                "rng": _rng_state(),
+            }
             _write_synced(tmp / TRAIN_STATE, json.dumps(state))
             hashes[TRAIN_STATE] = _file_hash(tmp / TRAIN_STATE)
             _write_synced(tmp / MANIFEST, json.dumps({"hash": _HASH, "files": hashes}, indent=0, sort_keys=True))
@@ -252,8 +263,12 @@ class _MetadataUnpickler(pickle.Unpickler):
     so a crafted file cannot name a callable to run."""
 
     _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "WindowsPath")}
+    _GLOBALS = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+    }
 
     def find_class(self, module: str, name: str):
         # Checked before super() imports anything: importing a module can run its code.
@@ -278,8 +293,12 @@ class _DataOnlyReader(FileSystemReader):
         for info in (metadata.storage_data or {}).values():
             # DCP joins these to the folder as they are: an absolute path or ../ would read another run's tensors
             name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
-                    or (folder / name).resolve().parent != folder:
+            if (
+                not isinstance(name, str)
+                or Path(name).name != name
+                or name in ("", ".", "..")
+                or (folder / name).resolve().parent != folder
+            ):
                 raise ValueError(f".metadata names the storage file {name!r}, which is not a file inside {folder}")
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -316,12 +335,15 @@ def _load_dcp(state: dict, folder: Path) -> None:
 
 
 def _unloadable(folder: Path, reason: str) -> UserError:
-    return UserError(f"checkpoint.resume: {folder} cannot be loaded ({reason}); if it is damaged, move it out of "
-                     f"{folder.parent} to resume from the one before; if it is another run's, resume with the "
-                     f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir")
+    return UserError(
+        f"checkpoint.resume: {folder} cannot be loaded ({reason}); if it is damaged, move it out of "
+        f"{folder.parent} to resume from the one before; if it is another run's, resume with the "
+        f"config that wrote it, or set checkpoint.resume=false and a new job.output_dir"
+    )
 
 
-def _read_train_state(folder: Path) -> dict:
+def _read_train_state(folder: Path, steps: int | None = None) -> dict:
+    """train_state.json, checked field by field; with `steps` (training.steps), a step beyond it is refused."""
     try:
         state = json.loads((folder / TRAIN_STATE).read_text())
         missing = {"step", "scheduler", "data", "rng"} - set(state)
@@ -333,16 +355,26 @@ def _read_train_state(folder: Path) -> dict:
     checks = {  # field: whether its value is one this recipe writes
         "step": type(state["step"]) is int and state["step"] == _step_of(folder),
         "scheduler": isinstance(state["scheduler"], dict)
-        and type(state["scheduler"].get("last_epoch")) is int and state["scheduler"]["last_epoch"] >= 0,
+        and type(state["scheduler"].get("last_epoch")) is int
+        and state["scheduler"]["last_epoch"] >= 0,
         "data": isinstance(state["data"], dict) and all(type(v) is not int or v >= 0 for v in state["data"].values()),
-        "rng": isinstance(rng, dict) and all(isinstance(rng.get(key, []), list) and all(
-            type(v) is int and 0 <= v < 256 for v in rng.get(key, [])) for key in ("torch", "cuda"))
+        "rng": isinstance(rng, dict)
+        and all(
+            isinstance(rng.get(key, []), list) and all(type(v) is int and 0 <= v < 256 for v in rng.get(key, []))
+            for key in ("torch", "cuda")
+        )
         and bool(rng.get("torch")),
     }
     for field, ok in checks.items():
         if not ok:
-            raise _unloadable(folder, f"{TRAIN_STATE}: field {field!r} holds {str(state[field])[:60]!r}, not what "
-                                      "this recipe writes")
+            raise _unloadable(
+                folder, f"{TRAIN_STATE}: field {field!r} holds {str(state[field])[:60]!r}, not what this recipe writes"
+            )
+    if steps is not None and state["step"] > steps:
+        raise UserError(
+            f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
+            f"to at least {state['step']} to continue this run (nothing was changed)"
+        )
     return state
 
 
@@ -366,25 +398,37 @@ def verify(folder: Path) -> None:
     if bad is not None:
         earlier = [path for path in complete_checkpoints(folder.parent) if _step_of(path) < _step_of(folder)]
         before = f"the previous complete checkpoint is {earlier[-1]}" if earlier else "there is no earlier checkpoint"
-        raise UserError(f"checkpoint: {folder}/{bad} {'does not match its checksum' if bad in hashes else 'is missing'}"
-                        f" ({MANIFEST}): step {_step_of(folder)} is damaged; move {folder} out of {folder.parent} "
-                        f"(the next resume then loads the one before); {before}")
+        raise UserError(
+            f"checkpoint: {folder}/{bad} {'does not match its checksum' if bad in hashes else 'is missing'}"
+            f" ({MANIFEST}): step {_step_of(folder)} is damaged; move {folder} out of {folder.parent} "
+            f"(the next resume then loads the one before); {before}"
+        )
 
 
-def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> int:
-    """Loads the newest complete checkpoint into the live objects; returns its step (0 when there is none).
-    Refuses one beyond `steps` (training.steps) before touching anything."""
+def resume_point(root: Path, load_step: int, applied: bool) -> tuple[Path | None, int, list[Path]]:
+    """The checkpoint a resume loads, its step (None and 0: start afresh) and the later ones it leaves behind: the
+    newest and none; or with [checkpoint] load_step, unless that was applied already, that step's and every one
+    after it. A UserError, before anything is touched, if that step has no complete checkpoint."""
     foreign = foreign_names(root)
     if foreign:
         log.warning("%s also holds %s, not named by this recipe: never loaded nor pruned", root, ", ".join(foreign))
-    checkpoints = complete_checkpoints(root)
-    if not checkpoints:
-        return 0
-    folder = checkpoints[-1]
-    state = _read_train_state(folder)
-    if state["step"] > steps:
-        raise UserError(f"training.steps: {steps} is below step {state['step']} of the checkpoint {folder}; set it "
-                        f"to at least {state['step']} to continue this run (nothing was changed)")
+    folders = complete_checkpoints(root)
+    if not load_step or applied:
+        return (folders[-1], _step_of(folders[-1]), []) if folders else (None, 0, [])
+    chosen = [folder for folder in folders if _step_of(folder) == load_step]
+    if not chosen:
+        there = ", ".join(str(_step_of(folder)) for folder in folders) or "none yet"
+        raise UserError(
+            f"checkpoint.load_step: {root} has no complete checkpoint of step {load_step} (steps there: "
+            f"{there}); pick one of them, or 0 for the newest"
+        )
+    return chosen[0], load_step, [folder for folder in folders if _step_of(folder) > load_step]
+
+
+def load(folder: Path, model, optimizer, scheduler, loader, steps: int) -> int:
+    """Loads the checkpoint `folder` into the live objects; returns its step. Refuses one beyond `steps`
+    (training.steps) before touching anything."""
+    state = _read_train_state(folder, steps)
     verify(folder)
     model_state, optim_state = get_state_dict(model, optimizer)
     _load_dcp({"model": model_state, "optimizer": optim_state}, folder)
@@ -396,10 +440,10 @@ def load_latest(root: Path, model, optimizer, scheduler, loader, steps: int) -> 
     return state["step"]
 
 
-def check_readable(folder: Path) -> None:
-    """A UserError now if the checkpoint's train state or DCP index cannot be read or a file does not match its
-    checksum (before any long work)."""
-    _read_train_state(folder)
+def check_readable(folder: Path, steps: int | None = None) -> None:
+    """A UserError now if the checkpoint's train state or DCP index cannot be read, a file does not match its
+    checksum, or (given training.steps) its step is beyond them (before any long work)."""
+    _read_train_state(folder, steps)
     verify(folder)
     try:
         _DataOnlyReader(folder).read_metadata()

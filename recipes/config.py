@@ -26,90 +26,113 @@ from recipes.errors import UserError
 from recipes.qwen3.model import Qwen3Config
 
 
+def key(default, help: str):
+    """A config key: its default and the one line `train.py --help` shows beside it (docs/config.md says more)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    flavor: str = "debug"
-    attention: str = "sdpa"  # sdpa | flex | varlen
-    mask: str = Qwen3Config.mask  # causal | document: the model's default, stated once (recipes/qwen3/model.py)
-    init_from: str = ""  # HF Qwen3 checkpoint folder to fine-tune from; "" = random init
-    kernel: str = "auto"  # varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (flash-attn-4)
+    flavor: str = key("debug", "model shape: debug, small, 0.6B, 1.7B, 4B, 8B, 14B, 32B (ignored with init_from)")
+    attention: str = key("sdpa", "attention backend: sdpa | flex | varlen")
+    mask: str = key(Qwen3Config.mask, "document: causal within each packed document; causal: across the whole row")
+    init_from: str = key("", 'HF Qwen3 checkpoint folder to start from (sets the shape); "" = random init')
+    kernel: str = key("auto", "varlen's kernel: auto | torch (FlashAttention-2 in torch) | fa4 (FlashAttention-4)")
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 100
-    seq_len: int = 256
-    local_batch_size: int = 4
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "bfloat16"  # bfloat16 | float32: parameter/compute dtype; gradients reduce in float32
-    compile: bool = False
-    float8: bool = False  # the blocks' matmuls in float8 (torchao, tensorwise); for 1.7B and up on H100/H200
-    activation_checkpoint: str = "none"  # none | full | selective
-    deterministic: bool = False
-    skip_nonfinite: bool = False  # skip a step whose loss or grad norm is not finite instead of stopping
+    steps: int = key(100, "optimizer steps in the run (the LR schedule is a function of it)")
+    seq_len: int = key(256, "tokens per row, at most the model's max_seq_len")
+    local_batch_size: int = key(4, "rows per process per step (global batch = this x world size)")
+    grad_accum_steps: int = key(1, "micro-batches per step; must divide local_batch_size")
+    max_grad_norm: float = key(1.0, "clip gradients to this global L2 norm (inf: report only)")
+    seed: int = key(0, "model initialisation and data order")
+    dtype: str = key("bfloat16", "bfloat16 | float32: parameter gather and compute dtype (gradients reduce in float32)")
+    compile: bool = key(False, "torch.compile each transformer block")
+    float8: bool = key(False, "the blocks' matmuls in float8 (torchao, tensorwise); pays from 1.7B up on H100/H200")
+    activation_checkpoint: str = key("none", "none | full | selective")
+    deterministic: bool = key(False, "torch.use_deterministic_algorithms: bitwise reruns on GPU, slower")
+    skip_nonfinite: bool = key(False, "skip a step whose loss or grad norm is not finite instead of exiting with 3")
+
+
+@dataclass
+class ParallelConfig:
+    replicate: int = key(
+        1,
+        "HSDP replicas (FSDP shards within each, gradients all-reduced across them); 1 = plain "
+        "FSDP; 0 = one replica per node",
+    )
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    decay: str = "cosine"  # cosine | linear | sqrt, from the end of warmup to the last step
-    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    lr: float = key(3e-4, "peak learning rate of AdamW")
+    weight_decay: float = key(0.1, "AdamW's decoupled weight decay")
+    beta1: float = key(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = key(0.95, "AdamW beta2, in [0, 1)")
+    eps: float = key(1e-8, "AdamW epsilon")
+    warmup_steps: int = key(10, "linear warmup length in steps (0: none)")
+    decay: str = key("cosine", "cosine | linear | sqrt, from the end of warmup to the last step")
+    min_lr_ratio: float = key(0.1, "the decay ends at lr x min_lr_ratio")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "stdlib"  # "stdlib" (offline default), a local .jsonl/.parquet/.txt file or folder, or "hf:NAME"
-    dataset_config: str = ""  # HF hub dataset configuration name
-    split: str = "train"
-    text_field: str = "text"
-    tokenizer: str = "default"  # "default" (BPE trained on the default corpus), a tokenizer.json, folder or hub id
-    vocab_size: int = 2048  # size of the default BPE tokenizer
-    eos_token: str = ""  # "" = the tokenizer's own end-of-text token
-    mask_boundary_loss: bool = False  # ignore the label that predicts the first token of the next document
+    dataset: str = key("stdlib", "stdlib (offline default), a local .jsonl/.json/.parquet/.txt file or folder, hf:NAME")
+    dataset_config: str = key("", "the hub dataset's configuration name (hf: only)")
+    split: str = key("train", "the hub dataset's split (hf: only)")
+    text_field: str = key("text", "the record field holding the text")
+    tokenizer: str = key("default", "default (BPE trained on stdlib, cached), a tokenizer.json, a folder or a hub id")
+    vocab_size: int = key(2048, "size of the default BPE tokenizer")
+    eos_token: str = key("", 'token that ends each document; "" = the tokenizer\'s own end-of-text token')
+    mask_boundary_loss: bool = key(False, "ignore the label that predicts the next document's first token")
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 0  # steps between validation losses on the held-out documents; 0 = never
-    batches: int = 4  # global batches of held-out rows per validation (the same rows every time)
+    interval: int = key(0, "steps between validation losses on the held-out documents (and the last step); 0 = never")
+    batches: int = key(4, "global batches of held-out rows per validation (the same rows every time)")
+    sample_every: int = key(0, "steps between greedy samples of sample_prompt (log, metrics.jsonl, W&B); 0 = never")
+    sample_prompt: str = key("def ", "the prompt the samples continue")
 
 
 @dataclass
 class CheckpointConfig:
-    enable: bool = True  # false: never save (benchmarks); resume still loads what the folder holds
-    interval: int = 0  # steps between checkpoints; 0 = only at the end and on preemption
-    resume: bool = True  # continue from the newest complete checkpoint in <output_dir>/checkpoints
-    keep: int = 2
+    enable: bool = key(True, "false: never save (benchmarks); resume still loads what the folder holds")
+    interval: int = key(0, "steps between checkpoints; 0 = only at the end and on preemption")
+    resume: bool = key(True, "continue from the newest complete checkpoint when output_dir holds this run")
+    keep: int = key(2, "keep the newest this many checkpoints")
+    load_step: int = key(0, "resume from the checkpoint of this step (later ones are moved aside); 0 = the newest")
+    export_hf: bool = key(False, "at the end, also export the last checkpoint for transformers to output_dir/hf")
 
 
 @dataclass
 class JobConfig:
-    output_dir: str = "outputs/run"
-    name: str = ""  # run name; "" = "<flavor>-<attention>-<mask>"
+    output_dir: str = key("outputs/run", "the run's folder (config.toml, metrics.jsonl, checkpoints/, ...)")
+    name: str = key("", 'run name in logs and W&B; "" = <flavor>-<attention>-<mask>')
+    print_config: bool = key(False, "print the resolved config (every key) at the start")
 
 
 @dataclass
 class MetricsConfig:
-    log_every: int = 10
-    wandb: bool = False
-    wandb_project: str = "qwen3-fsdp-recipes"
-    wandb_entity: str = ""
-    wandb_group: str = ""
-    wandb_tags: list[str] = field(default_factory=list)
-    profile: bool = False  # torch.profiler over steps 7-9; rank 0 writes <output_dir>/profile/
+    log_every: int = key(10, "log every this many steps (the last and a preempted step always)")
+    wandb: bool = key(False, "also log to W&B: online with credentials and network, else offline in output_dir/wandb")
+    wandb_project: str = key("qwen3-fsdp-recipes", "W&B project (WANDB_PROJECT wins)")
+    wandb_entity: str = key("", 'W&B user or team; "" = WANDB_ENTITY, else your default')
+    wandb_group: str = key("", 'W&B run group; "" = WANDB_RUN_GROUP, else none')
+    wandb_tags: list[str] = key([], "W&B tags")
+    profile: bool = key(False, "torch.profiler over steps 7-9; rank 0 writes output_dir/profile/")
+    tensorboard: bool = key(False, "also write the metrics.jsonl rows as TensorBoard scalars to output_dir/tensorboard")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -145,7 +168,7 @@ def _check_type(where: str, value, expected):
     if typing.get_origin(expected) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-        raise UserError(f"{where}: expected a list of strings, got {value!r}; write e.g. [\"a\", \"b\"]")
+        raise UserError(f'{where}: expected a list of strings, got {value!r}; write e.g. ["a", "b"]')
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
@@ -241,39 +264,65 @@ def validate(config: Config) -> None:
     from recipes.qwen3.attention import BACKENDS, KERNELS, MASKS
     from recipes.qwen3.model import FLAVORS
 
-    m, t, o, c, x, e = (config.model, config.training, config.optimizer, config.checkpoint, config.metrics,
-                        config.eval)
+    m, t, o, c, x, e = (config.model, config.training, config.optimizer, config.checkpoint, config.metrics, config.eval)
     _choice("model.flavor", m.flavor, FLAVORS)
     _choice("model.attention", m.attention, BACKENDS)
     _choice("model.mask", m.mask, MASKS)
     _choice("model.kernel", m.kernel, KERNELS)
-    _require(m.kernel == "auto" or m.attention == "varlen",
-             f"model.kernel: {m.kernel!r} chooses among varlen's kernels; use \"auto\" with attention {m.attention!r}")
+    _require(
+        m.kernel == "auto" or m.attention == "varlen",
+        f'model.kernel: {m.kernel!r} chooses among varlen\'s kernels; use "auto" with attention {m.attention!r}',
+    )
     _choice("training.dtype", t.dtype, ("bfloat16", "float32"))
     _choice("training.activation_checkpoint", t.activation_checkpoint, AC_MODES)
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "sqrt"))
-    for where, value, low in [("training.steps", t.steps, 1), ("training.seq_len", t.seq_len, 1),
-                              ("training.local_batch_size", t.local_batch_size, 1),
-                              ("training.grad_accum_steps", t.grad_accum_steps, 1),
-                              ("training.seed", t.seed, 0), ("optimizer.warmup_steps", o.warmup_steps, 0),
-                              ("metrics.log_every", x.log_every, 1), ("checkpoint.keep", c.keep, 1),
-                              ("checkpoint.interval", c.interval, 0), ("data.vocab_size", config.data.vocab_size, 1),
-                              ("eval.interval", e.interval, 0), ("eval.batches", e.batches, 1)]:
+    for where, value, low in [
+        ("training.steps", t.steps, 1),
+        ("training.seq_len", t.seq_len, 1),
+        ("training.local_batch_size", t.local_batch_size, 1),
+        ("training.grad_accum_steps", t.grad_accum_steps, 1),
+        ("training.seed", t.seed, 0),
+        ("optimizer.warmup_steps", o.warmup_steps, 0),
+        ("metrics.log_every", x.log_every, 1),
+        ("checkpoint.keep", c.keep, 1),
+        ("checkpoint.interval", c.interval, 0),
+        ("data.vocab_size", config.data.vocab_size, 1),
+        ("eval.interval", e.interval, 0),
+        ("eval.batches", e.batches, 1),
+        ("checkpoint.load_step", c.load_step, 0),
+        ("eval.sample_every", e.sample_every, 0),
+        ("parallel.replicate", config.parallel.replicate, 0),
+    ]:
         high = _MAX_SEED if where == "training.seed" else _MAX_COUNT
         _require(value >= low, f"{where}: must be {'> 0' if low else '>= 0'}, got {value}")
         _require(value <= high, f"{where}: must be at most {high}, got {value}")
-    _require(t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
-             f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
-             "tokens per step; lower it or training.seq_len")
-    _require(t.local_batch_size % t.grad_accum_steps == 0,
-             f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
-             f"{t.grad_accum_steps}; make it a multiple")
-    for where, value in [("optimizer.lr", o.lr), ("optimizer.eps", o.eps), ("optimizer.weight_decay", o.weight_decay),
-                         ("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2),
-                         ("optimizer.min_lr_ratio", o.min_lr_ratio)]:
+    _require(
+        t.local_batch_size * (t.seq_len + 1) <= _MAX_COUNT,
+        f"training.local_batch_size: {t.local_batch_size} rows of {t.seq_len + 1} tokens exceed {_MAX_COUNT} "
+        "tokens per step; lower it or training.seq_len",
+    )
+    _require(
+        c.enable or not c.export_hf,
+        "checkpoint.export_hf: exports the last checkpoint, but checkpoint.enable "
+        "is false; enable checkpoints or drop export_hf",
+    )
+    _require(
+        t.local_batch_size % t.grad_accum_steps == 0,
+        f"training.local_batch_size: {t.local_batch_size} is not divisible by training.grad_accum_steps="
+        f"{t.grad_accum_steps}; make it a multiple",
+    )
+    for where, value in [
+        ("optimizer.lr", o.lr),
+        ("optimizer.eps", o.eps),
+        ("optimizer.weight_decay", o.weight_decay),
+        ("optimizer.beta1", o.beta1),
+        ("optimizer.beta2", o.beta2),
+        ("optimizer.min_lr_ratio", o.min_lr_ratio),
+    ]:
         _require(math.isfinite(value), f"{where}: must be a finite number, got {value}")
-    _require(not math.isnan(t.max_grad_norm), "training.max_grad_norm: must be a number (inf disables clipping), "
-                                              "got nan")
+    _require(
+        not math.isnan(t.max_grad_norm), "training.max_grad_norm: must be a number (inf disables clipping), got nan"
+    )
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     for where, value in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
@@ -282,12 +331,18 @@ def validate(config: Config) -> None:
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     _require(t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, got {t.max_grad_norm}")
     d = config.data
-    for where, value, empty_means in [("job.output_dir", config.job.output_dir, None),
-                                      ("data.dataset", d.dataset, None), ("data.tokenizer", d.tokenizer, None),
-                                      ("model.init_from", m.init_from, "random init")]:
+    for where, value, empty_means in [
+        ("job.output_dir", config.job.output_dir, None),
+        ("data.dataset", d.dataset, None),
+        ("data.tokenizer", d.tokenizer, None),
+        ("model.init_from", m.init_from, "random init"),
+    ]:
         if not value:
-            _require(empty_means is not None, f"{where}: must not be empty (an empty path would mean the current "
-                                              "folder); name it, e.g. the default in docs/config.md")
+            _require(
+                empty_means is not None,
+                f"{where}: must not be empty (an empty path would mean the current "
+                "folder); name it, e.g. the default in docs/config.md",
+            )
             continue
         if where == "data.dataset" and (value == "stdlib" or value.startswith("hf:")):
             _require(value != "hf:", "data.dataset: 'hf:' names no dataset; write hf:NAME")
@@ -305,12 +360,15 @@ def expand_path(path: str, where: str = "path") -> Path:
     try:
         expanded = Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory"
-        raise UserError(f"{where}: {path!r} names a home folder ({path.split('/')[0]}) that does not exist; write "
-                        "the full path") from None
+        raise UserError(
+            f"{where}: {path!r} names a home folder ({path.split('/')[0]}) that does not exist; write the full path"
+        ) from None
     long = next((part for part in expanded.parts if len(os.fsencode(part)) > _NAME_MAX), None)
     if long is not None:
-        raise UserError(f"{where}: the path component {long[:40]!r}... is {len(os.fsencode(long))} bytes, over the "
-                        f"{_NAME_MAX} a file name may have; shorten it")
+        raise UserError(
+            f"{where}: the path component {long[:40]!r}... is {len(os.fsencode(long))} bytes, over the "
+            f"{_NAME_MAX} a file name may have; shorten it"
+        )
     return expanded
 
 
@@ -341,3 +399,31 @@ def to_toml(config: Config) -> str:
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def type_name(annotation) -> str:
+    """How docs/config.md and --help write a key's type: str, int, float, bool, list[str]."""
+    return "list[str]" if typing.get_origin(annotation) is list else annotation.__name__
+
+
+def keys_help() -> list[tuple[str, str, str, str, str]]:
+    """(section, key, type, default as TOML, one line) for every config key, in the order of the dataclasses."""
+    rows = []
+    for section in _SECTIONS:
+        types = _section_types(section)
+        for item in dataclasses.fields(globals()[_SECTIONS[section]]):
+            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+            rows.append((section, item.name, type_name(types[item.name]), _toml_value(default), item.metadata["help"]))
+    return rows
+
+
+def config_help() -> str:
+    """Every section and key, with type, default and one line: the body of `train.py --help`."""
+    lines, current = [], None
+    for section, key_name, type_, default, text in keys_help():
+        if section != current:
+            lines += ["", f"[{section}]"]
+            current = section
+        lines.append(f"  --{section}.{key_name} {type_.upper()} (default {default})")
+        lines.append(f"      {text}")
+    return "\n".join(lines[1:])

@@ -56,5 +56,7 @@ def os_reason(error: OSError) -> str:
 
 
 def write_failed(path, error: OSError) -> OutputWriteError:
-    return OutputWriteError(f"{path}: cannot write ({os_reason(error)}); free space or fix the disk, then rerun the "
-                            "same command (it resumes from the newest checkpoint)")
+    return OutputWriteError(
+        f"{path}: cannot write ({os_reason(error)}); free space or fix the disk, then rerun the "
+        "same command (it resumes from the newest checkpoint)"
+    )

@@ -62,8 +62,10 @@ class ThroughputWindow:
     def rates(self, peak: float | None) -> dict:
         """tokens/s per GPU and both MFUs (None without a known peak) over the window; then starts a new window."""
         seconds = time.perf_counter() - self.start
-        rates = {"tokens_per_sec_per_gpu": self.tokens / seconds,
-                 "mfu": self.flops / seconds / peak if peak else None,
-                 "mfu_torchtitan": self.torchtitan_flops / seconds / peak if peak else None}
+        rates = {
+            "tokens_per_sec_per_gpu": self.tokens / seconds,
+            "mfu": self.flops / seconds / peak if peak else None,
+            "mfu_torchtitan": self.torchtitan_flops / seconds / peak if peak else None,
+        }
         self.reset()
         return rates

@@ -5,6 +5,7 @@ Every number that goes to W&B also goes to metrics.jsonl: `MetricsLogger.log` wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from recipes.files import write_atomic
 from recipes.run.runs import metrics_row
 
 log = logging.getLogger(__name__)
+
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory reserved by the caching allocator (what torchtitan reports), or on CPU the peak RSS."""
@@ -45,8 +47,9 @@ def _wandb_server_problem(timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
     """What keeps the W&B server from taking a run, or None if it answers. Asked here because wandb.init retries
     a server that does not answer, or answers 5xx, for its whole init_timeout before giving up."""
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
-    request = urllib.request.Request(f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}',
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=b'{"query": "{ viewer { id } }"}', headers={"Content-Type": "application/json"}
+    )
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as error:  # 401 without credentials in the request is an answer too
@@ -70,8 +73,9 @@ def start_wandb(config, output_dir: Path):
     Settings from the config win over WANDB_* variables only where the config sets them.
     """
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-        reason = ("no credentials (WANDB_API_KEY or ~/.netrc)" if not _wandb_has_credentials()
-                  else _wandb_server_problem())
+        reason = (
+            "no credentials (WANDB_API_KEY or ~/.netrc)" if not _wandb_has_credentials() else _wandb_server_problem()
+        )
         if reason:
             # Must be set in the environment: passing mode only to init still makes a network call at exit.
             os.environ["WANDB_MODE"] = "offline"
@@ -105,13 +109,29 @@ def start_wandb(config, output_dir: Path):
 class MetricsLogger:
     """Rank 0 appends one JSON line per log step to metrics.jsonl, logs the same dict to W&B, prints a line."""
 
-    def __init__(self, output_dir: Path, config, enabled: bool, resume_step: int = 0, changed: dict | None = None):
-        self.enabled = enabled
+    def __init__(
+        self,
+        output_dir: Path,
+        config,
+        enabled: bool,
+        resume_step: int = 0,
+        changed: dict | None = None,
+        on_cpu: bool = False,
+    ):
+        self.enabled, self.on_cpu = enabled, on_cpu
         self.path = output_dir / "metrics.jsonl"
-        self.wandb_run = None
+        self.total_steps = config.training.steps
+        self.local_tokens_per_step = config.training.local_batch_size * config.training.seq_len
+        self.last_row, self.last_val_loss = None, None
+        self.wandb_run = self.tensorboard = None
         if not enabled:
             return
         self._truncate_after(resume_step)
+        if config.metrics.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's events replace what an earlier attempt logged after its checkpoint
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
         if config.metrics.wandb:
             self.wandb_run = start_wandb(config, output_dir)
         if self.wandb_run is not None and changed:  # a resume that changed settings (recipes/run/outputs.py)
@@ -152,9 +172,42 @@ class MetricsLogger:
                 self.wandb_run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
             except Exception as error:
                 log.warning("wandb: logging failed (%s); metrics.jsonl continues", error)
-        log.info(console_line(row))
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, str):
+                    self.tensorboard.add_text(key, value, row["step"])
+                elif key != "step" and value is not None:
+                    self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+        self.last_row = row
+        if row.get("val_loss") is not None:
+            self.last_val_loss = row["val_loss"]
+        rate = row["tokens_per_sec_per_gpu"]
+        seconds_per_step = self.local_tokens_per_step / rate if rate > 0 else None
+        log.info(console_line(row, self.total_steps, seconds_per_step, self.on_cpu))
+        if row.get("sample") is not None:
+            log.info("sample at step %d: %r", row["step"], row["sample"])
+
+    def summary(self, first_step: int, last_step: int, seconds: float, newest: Path | None, output_dir: Path) -> str:
+        """The end of a run in a few lines: what was trained, how fast, where it ended, what to run next."""
+        if not self.enabled or self.last_row is None:
+            return f"done: {last_step - first_step} steps"
+        steps, row = last_step - first_step, self.last_row
+        val = f", val_loss {self.last_val_loss:.4f}" if self.last_val_loss is not None else ""
+        return "\n".join(
+            [
+                f"done: {steps} steps ({first_step} -> {last_step}) in {human_duration(seconds)}, "
+                f"{seconds / max(steps, 1):.2f} s/step; {human_count(row['tokens'])} tokens seen",
+                f"  final loss {row['loss']:.4f}{val}",
+                f"  newest checkpoint: {newest or 'none (checkpoint.enable = false)'}",
+                next_commands(output_dir),
+            ]
+        )
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()
@@ -163,15 +216,82 @@ class MetricsLogger:
             self.wandb_run = None
 
 
-def console_line(row: dict) -> str:
-    parts = [f"step {row['step']:>6}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
-             f"gnorm {row['grad_norm']:.3f}", f"{row['tokens_per_sec_per_gpu']:,.0f} tok/s/gpu"]
+def console_line(row: dict, total_steps: int, seconds_per_step: float | None, on_cpu: bool) -> str:
+    """One log line: where the run is (step/total, percent, tokens seen), how it trains, and the time left at the
+    recent step time. On CPU the rate is per process and the memory is the peak RSS, and the line says so."""
+    step = row["step"]
+    parts = [
+        f"step {step:>{len(str(total_steps))}}/{total_steps} ({step / total_steps:.0%})",
+        f"loss {row['loss']:.4f}",
+        f"lr {row['lr']:.2e}",
+        f"gnorm {row['grad_norm']:.3f}",
+        f"{row['tokens_per_sec_per_gpu']:,.0f} tok/s/{'process' if on_cpu else 'gpu'}",
+        f"tokens {human_count(row['tokens'])}",
+    ]
     if row.get("mfu") is not None:
         parts.append(f"mfu {row['mfu']:.1%} (tt {row['mfu_torchtitan']:.1%})")
-    parts.append(f"mem {row['peak_memory_gib']:.2f} GiB")
+    parts.append(f"{'rss' if on_cpu else 'mem'} {row['peak_memory_gib']:.2f} GiB")
     if row.get("val_loss") is not None:
         parts.append(f"val_loss {row['val_loss']:.4f}")
+    if seconds_per_step is not None and step < total_steps:
+        parts.append(f"eta {human_duration((total_steps - step) * seconds_per_step)}")
     return " | ".join(parts)
+
+
+def next_commands(output_dir: Path) -> str:
+    return (
+        f"  next: python scripts/generate.py {output_dir} --prompt 'def main('   (sample text)\n"
+        f"        python scripts/export_hf.py {output_dir} hf/{output_dir.name}   (for transformers)\n"
+        f"        python scripts/compare_runs.py {output_dir} OTHER_RUN_DIR   (loss curves side by side)"
+    )
+
+
+def finished_line(output_dir: Path, newest: Path) -> str:
+    """What a rerun of a finished run says instead of training (and opening a W&B run) again."""
+    return (
+        f"finished: {output_dir} already trained to training.steps ({newest.name}); nothing to do. Raise "
+        f"--training.steps to train it longer\n  newest checkpoint: {newest}\n{next_commands(output_dir)}"
+    )
+
+
+def human_count(n: float) -> str:
+    """81.9K, 1.23M, 4.50B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def human_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@contextlib.contextmanager
+def timed(what: str):
+    """A phase that can take long (a tokenizer trained, a corpus tokenized, the model built) says when it starts and
+    how long it took, so a quiet console is never a mystery."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
+def corpus_line(loader, steps: int) -> str:
+    """What the run reads: the corpus's documents and tokens, and how many epochs `steps` steps cover."""
+    per_step = loader.global_batch_size * loader.row_len
+    read = f"{steps} steps read {human_count(steps * per_step)} tokens"
+    if loader.num_tokens is None:
+        return f"data: a streamed dataset (size unknown); {read}"
+    return (
+        f"data: {loader.num_documents:,} training documents, {human_count(loader.num_tokens)} tokens; {read} = "
+        f"{steps * per_step / loader.num_tokens:.3g} epochs"
+    )
 
 
 def build_profiler(output_dir: Path, enabled: bool):
@@ -191,7 +311,8 @@ def build_profiler(output_dir: Path, enabled: bool):
         profiler.export_chrome_trace(str(folder / "trace.json"))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    profiler = profile(activities=activities, schedule=schedule(wait=5, warmup=1, active=3, repeat=1),
-                       on_trace_ready=write)
+    profiler = profile(
+        activities=activities, schedule=schedule(wait=5, warmup=1, active=3, repeat=1), on_trace_ready=write
+    )
     profiler.start()
     return profiler

@@ -13,10 +13,15 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, steps: int,
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.config.job_config import LRScheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
-    schedule = LRScheduler(warmup_steps=config.warmup_steps, decay_type=config.decay,
-                           min_lr_factor=config.min_lr_ratio)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )
+    schedule = LRScheduler(warmup_steps=config.warmup_steps, decay_type=config.decay, min_lr_factor=config.min_lr_ratio)
     return optimizer, build_lr_schedulers([optimizer], schedule, steps).schedulers[0]
 
 
@@ -25,6 +30,11 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, config: Optimize
     resume: outputs.MAY_CHANGE), and the learning rate follows the config's schedule from the resumed step."""
     scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
     for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=config.lr, lr=config.lr * lr_lambda(scheduler.last_epoch),
-                     betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+        group.update(
+            initial_lr=config.lr,
+            lr=config.lr * lr_lambda(scheduler.last_epoch),
+            betas=(config.beta1, config.beta2),
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -1,5 +1,5 @@
-"""Process group and collectives: joining torchrun's group (or a one-process one), rank-0-first blocks, gradient
-clipping and the one all-reduce of each step's statistics.
+"""Process group and collectives: joining torchrun's group (or a one-process one), the device mesh (HSDP),
+rank-0-first blocks, gradient clipping and the one all-reduce of each step's statistics.
 
 The same code runs on CUDA with NCCL and on CPU with gloo; a plain `python train.py` gets a one-process group,
 so world size 1 and N take the same path.
@@ -8,12 +8,18 @@ so world size 1 and N take the same path.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
+
+from recipes.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,24 @@ def init_distributed() -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 
+def device_mesh(replicate: int, device: torch.device) -> DeviceMesh | None:
+    """The mesh FSDP2 shards over: None (every rank, plain FSDP) for one replica, else HSDP's 2-D mesh of
+    `replicate` replicas x the ranks that shard within each; 0 replicas = one per node (torchrun's LOCAL_WORLD_SIZE
+    ranks shard, so parameter gathers stay on the node and only gradients cross nodes)."""
+    world = dist.get_world_size()
+    if replicate == 0:
+        replicate = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if replicate == 1:
+        return None
+    if world % replicate:
+        raise UserError(
+            f"parallel.replicate: {replicate} replicas do not divide world size {world}; choose a "
+            "divisor of it, or 0 for one replica per node"
+        )
+    log.info("HSDP: %d replicas x %d ranks sharding each", replicate, world // replicate)
+    return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
 def set_deterministic(enabled: bool) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -65,14 +89,21 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def step_stats(loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool,
-               seconds: float) -> tuple[float, float, bool, float]:
+def step_stats(
+    loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, seconds: float
+) -> tuple[float, float, bool, float]:
     """One all-reduce and one host sync: (the step's loss, the sum of the ranks' parts of the mean: loss.mean_loss;
     the grad norm, the same on every rank; whether any rank was signalled; the step's wall time averaged over
     ranks, the same on every rank)."""
     world = dist.get_world_size()
-    stats = torch.stack([loss.float(), grad_norm.float() / world, torch.tensor(float(signalled), device=loss.device),
-                         torch.tensor(seconds, device=loss.device)])
+    stats = torch.stack(
+        [
+            loss.float(),
+            grad_norm.float() / world,
+            torch.tensor(float(signalled), device=loss.device),
+            torch.tensor(seconds, device=loss.device),
+        ]
+    )
     dist.all_reduce(stats)
     loss_value, norm, flags, seconds_sum = stats.tolist()
     return loss_value, norm, flags > 0, seconds_sum / world

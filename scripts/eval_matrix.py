@@ -11,23 +11,21 @@ disagree beyond --tolerance, 2 on bad input.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from recipes import checkpoint, data
-from recipes.build import model_shape
+from recipes import data
 from recipes.cli import ArgumentParser, nonnegative_float, positive_int
 from recipes.config import Config
 from recipes.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.evaluation import validation_loss
 from recipes.qwen3.attention import BACKENDS
-from recipes.qwen3.model import Qwen3Model
 from recipes.qwen3.mutation import inject_varlen_layout_mistake
 from recipes.run.runs import open_run
+from recipes.trained import load_model, load_tokenizer
 
 MUTATION = "varlen (0.2.1 layout)"
 # Default agreement tolerance on the loss spread within a row: in fp32 the backends differ by rounding (~1e-6 on the
@@ -36,19 +34,24 @@ TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}
 
 
 def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torch.device) -> dict:
-    cache_dir = data.default_cache_dir()
-    tokenizer = data.build_tokenizer(config.data, cache_dir)
-    loader = data.build_dataloader(config.data, tokenizer, config.training.seq_len, args.batch_size, 0, 1,
-                                   config.training.seed, cache_dir, heldout=True)
+    tokenizer = load_tokenizer(config)
+    loader = data.build_dataloader(
+        config.data,
+        tokenizer,
+        config.training.seq_len,
+        args.batch_size,
+        0,
+        1,
+        config.training.seed,
+        data.default_cache_dir(),
+        heldout=True,
+    )
     batches = [next(loader) for _ in range(args.batches)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # varlen's CUDA kernel needs 16-bit inputs
     columns = list(BACKENDS) + ([MUTATION] if args.mutation else [])
     losses = {}
     for column in columns:
-        attention = "varlen" if column == MUTATION else column
-        shape = model_shape(config, tokenizer.eos_id)
-        model = Qwen3Model(dataclasses.replace(shape, attention=attention, kernel="auto"))
-        checkpoint.load_model_weights(folder, model)
+        model = load_model(config, folder, tokenizer, attention="varlen" if column == MUTATION else column)
         if column == MUTATION:
             inject_varlen_layout_mistake(model)
         model.to(device=device, dtype=dtype).eval()
@@ -58,25 +61,40 @@ def evaluate_run(run_dir: Path, config: Config, folder: Path, args, device: torc
 
 def markdown(rows: list[dict]) -> str:
     columns = list(rows[0]["losses"])
-    lines = ["| trained with ↓ / evaluated with → | " + " | ".join(columns) + " | max spread (fork) |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "| trained with ↓ / evaluated with → | " + " | ".join(columns) + " | max spread (fork) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
     for row in rows:
         fork = [row["losses"][b] for b in BACKENDS]
-        lines.append(f"| {row['trained_with']} ({row['checkpoint']}) | "
-                     + " | ".join(f"{row['losses'][c]:.5f}" for c in columns) + f" | {max(fork) - min(fork):.2e} |")
+        lines.append(
+            f"| {row['trained_with']} ({row['checkpoint']}) | "
+            + " | ".join(f"{row['losses'][c]:.5f}" for c in columns)
+            + f" | {max(fork) - min(fork):.2e} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="job.output_dir of a train.py run (config.toml and checkpoints/); one row each",
+    )
     parser.add_argument("--step", type=positive_int, help="checkpoint step (default: each run's newest)")
     parser.add_argument("--batches", type=positive_int, default=4, help="held-out batches evaluated per cell")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="rows per held-out batch")
     parser.add_argument("--mutation", action="store_true", help="add the 0.2.1 layout mistake as a column")
-    parser.add_argument("--tolerance", type=nonnegative_float, default=None,
-                        help=f"max loss spread within a row (default {TOLERANCE['cpu']:g} on CPU/fp32, "
-                             f"{TOLERANCE['cuda']:g} on CUDA/bf16)")
+    parser.add_argument(
+        "--tolerance",
+        type=nonnegative_float,
+        default=None,
+        help=f"max loss spread within a row (default {TOLERANCE['cpu']:g} on CPU/fp32, "
+        f"{TOLERANCE['cuda']:g} on CUDA/bf16)",
+    )
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,10 +109,22 @@ def main() -> int:
     spreads = [max(r["losses"][b] for b in BACKENDS) - min(r["losses"][b] for b in BACKENDS) for r in rows]
     agree = max(spreads) <= tolerance
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "tolerance": tolerance, "max_spread": max(spreads),
-                                         "agree": agree, "rows": rows}, indent=1))
-    print(f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
-          f"tolerance {tolerance:.0e})")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "tolerance": tolerance,
+                    "max_spread": max(spreads),
+                    "agree": agree,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
+    print(
+        f"verdict: {'backends agree' if agree else 'backends DISAGREE'} (max spread {max(spreads):.2e}, "
+        f"tolerance {tolerance:.0e})"
+    )
     return 0 if agree else 1
 
 

@@ -3,6 +3,7 @@
 #   bash scripts/install.sh          # .venv for training (torch 2.11.0, what the GPU fleet runs)
 #   bash scripts/install.sh --test   # also pytest, transformers, and SLURM + munge (apt) for tests/process/slurm
 # VENV=path and TORCH_VERSION=x.y.z choose another folder or torch release (e.g. the one matching your CUDA).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}

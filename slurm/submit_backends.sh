@@ -13,6 +13,7 @@
 # The runs land in $RUNS_DIR/$RUN_GROUP/qwen3_{sdpa,flex,varlen,<REPEAT>_repeat}; the SLURM logs, compare.png,
 # compare.json and the comparison log (the verdict) beside them. These runs start from scratch (a dynamics check);
 # scripts/train_backends.sh on one node runs the warm-start proof (docs/compare.md).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 
 cd "$(dirname "$0")/.."  # the jobs' submit dir must be the repository root

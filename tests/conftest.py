@@ -67,8 +67,11 @@ def backend_and_reference():
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         expected = reference(q64, k64, v64, reference.attention_meta(document_starts, q.device), scale)
         expected.backward(grad_out.double())
-        return out, expected, [(name, got.grad, want.grad) for name, got, want in (("q", q, q64), ("k", k, k64),
-                                                                                   ("v", v, v64))]
+        return (
+            out,
+            expected,
+            [(name, got.grad, want.grad) for name, got, want in (("q", q, q64), ("k", k, k64), ("v", v, v64))],
+        )
 
     return run
 
@@ -125,7 +128,8 @@ def pytest_collection_modifyitems(config, items):
     if shutil.which("slurmctld") is not None:
         return
     asked = "slurm" in (config.option.markexpr or "").replace("not slurm", "") or any(
-        "slurm" in Path(arg).parts for arg in config.args)
+        "slurm" in Path(arg).parts for arg in config.args
+    )
     slurm = [item for item in items if item.get_closest_marker("slurm")]
     if slurm and not asked:
         config.hook.pytest_deselected(items=slurm)
@@ -146,5 +150,6 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     if _tier_seconds:
-        terminalreporter.write_line("time per tier: " + ", ".join(
-            f"{tier} {seconds:.0f} s" for tier, seconds in sorted(_tier_seconds.items())))
+        terminalreporter.write_line(
+            "time per tier: " + ", ".join(f"{tier} {seconds:.0f} s" for tier, seconds in sorted(_tier_seconds.items()))
+        )

@@ -42,8 +42,9 @@ def corpus_hash(documents: Iterable[str], kind: str = "") -> str:
         digest.update(raw)
         count += 1
     if count == 0:
-        raise UserError(f"data.dataset: the corpus has no non-empty {kind}documents; point it at files with (more) "
-                        "text")
+        raise UserError(
+            f"data.dataset: the corpus has no non-empty {kind}documents; point it at files with (more) text"
+        )
     return digest.hexdigest()
 
 
@@ -94,8 +95,9 @@ def _tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer) -> tuple
     return np.concatenate(pieces), np.cumsum(lengths, dtype=np.int64)
 
 
-def corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer, cache_dir: Path,
-                   kind: str = "") -> tuple[np.ndarray, np.ndarray, str]:
+def corpus_tokens(
+    documents: Callable[[], Iterator[str]], tokenizer: Tokenizer, cache_dir: Path, kind: str = ""
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Tokenize once per machine: the arrays are cached as .npy files keyed by corpus and tokenizer hash."""
     corpus_key = corpus_hash(documents(), kind)[:HASH_DIGITS]
     key = f"{corpus_key}-{tokenizer.hash[:HASH_DIGITS]}-{CACHE_VERSION}"
@@ -104,8 +106,10 @@ def corpus_tokens(documents: Callable[[], Iterator[str]], tokenizer: Tokenizer, 
     if not (intact(tokens_path) and intact(offsets_path)):
         tokens, offsets = _tokenize_documents(documents(), tokenizer)
         if int(tokens.max()) >= tokenizer.vocab_size:
-            raise UserError(f"data.tokenizer: {tokenizer.name} produced token id {int(tokens.max())}, outside its "
-                            f"vocabulary of {tokenizer.vocab_size}; the tokenizer file is inconsistent, replace it")
+            raise UserError(
+                f"data.tokenizer: {tokenizer.name} produced token id {int(tokens.max())}, outside its "
+                f"vocabulary of {tokenizer.vocab_size}; the tokenizer file is inconsistent, replace it"
+            )
         # Ranks that miss together write identical files, so whichever rename lands last is as good.
         write_cached(tokens_path, lambda handle: np.save(handle, tokens))
         write_cached(offsets_path, lambda handle: np.save(handle, offsets))

@@ -59,7 +59,7 @@ class CorpusTokens:
             document = order[k]
             begin = int(self.offsets[document]) + within - int(starts[k])
             n = min(count - filled, int(self.offsets[document + 1]) - begin)
-            out[filled:filled + n] = self.tokens[begin:begin + n]
+            out[filled : filled + n] = self.tokens[begin : begin + n]
             begins[filled] = begin == self.offsets[document]
             filled += n
         self.position += count
@@ -103,8 +103,10 @@ class StreamedTokens:
             if index < 0:
                 raise UserError(f"data.dataset: {self.name} yields no records (split empty?); check data.split")
             if not yielded and not skip:  # else the next epoch would be as empty, forever
-                raise UserError(f"data.dataset: {self.name} has no {'held-out' if self.heldout else 'training'} "
-                                f"documents with text in {self.text_field!r}; check data.text_field and data.split")
+                raise UserError(
+                    f"data.dataset: {self.name} has no {'held-out' if self.heldout else 'training'} "
+                    f"documents with text in {self.text_field!r}; check data.text_field and data.split"
+                )
             epoch, skip = epoch + 1, 0
 
     def _seek(self, epoch: int, document: int, offset: int) -> None:
@@ -131,7 +133,7 @@ class StreamedTokens:
         while filled < count:
             tokens = self._buffer[0][2]
             n = min(count - filled, len(tokens) - self._head_offset)
-            out[filled:filled + n] = tokens[self._head_offset:self._head_offset + n]
+            out[filled : filled + n] = tokens[self._head_offset : self._head_offset + n]
             begins[filled] = self._head_offset == 0
             filled, self._head_offset = filled + n, self._head_offset + n
             if self._head_offset == len(tokens):
@@ -175,8 +177,16 @@ class PackedLoader:
     position, and worker processes would only add state to thread through checkpoints.
     """
 
-    def __init__(self, stream: CorpusTokens | StreamedTokens, identity: dict, seq_len: int,
-                 local_batch_size: int, rank: int, world_size: int, mask_boundary_loss: bool = False):
+    def __init__(
+        self,
+        stream: CorpusTokens | StreamedTokens,
+        identity: dict,
+        seq_len: int,
+        local_batch_size: int,
+        rank: int,
+        world_size: int,
+        mask_boundary_loss: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.stream, self.identity, self.mask_boundary_loss = stream, identity, mask_boundary_loss
@@ -205,18 +215,30 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         for field, value in self.identity.items():
             if state.get(field) != value:
-                raise UserError(f"{field}: the checkpoint's data stream was made with {state.get(field)!r}, this run "
-                                f"has {value!r}; resume with the same setting, or use a new job.output_dir")
+                raise UserError(
+                    f"{field}: the checkpoint's data stream was made with {state.get(field)!r}, this run "
+                    f"has {value!r}; resume with the same setting, or use a new job.output_dir"
+                )
         self.stream.load_state_dict(state)
 
 
-def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local_batch_size: int, rank: int,
-                     world_size: int, seed: int, cache_dir: Path, heldout: bool = False) -> PackedLoader:
+def build_dataloader(
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    local_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    cache_dir: Path,
+    heldout: bool = False,
+) -> PackedLoader:
     """data.dataset: "stdlib", a local file or folder (tokenized once, cached under cache_dir), or "hf:NAME" with
     NAME anything `datasets.load_dataset` streams (a hub id, or a local dataset folder), tokenized on the fly.
     Training reads the documents `is_heldout` rejects; heldout=True reads only the others (for evaluation)."""
     source = local_source(data)
     if source is not None:
+
         def documents() -> Iterator[str]:
             return (text for text in source() if is_heldout(text) == heldout)
 
@@ -232,8 +254,12 @@ def build_dataloader(data: DataConfig, tokenizer: Tokenizer, seq_len: int, local
     # What the stream is made of, keyed by the setting to change; load_state_dict refuses a different stream.
     # The global batch too: the stream is world-size free, but the same checkpoint read with more rows per step
     # (more ranks, same local batch) would continue a different run.
-    identity = {"data.dataset": dataset, "data.tokenizer": tokenizer.hash[:HASH_DIGITS], "training.seed": seed,
-                "world size x training.local_batch_size": world_size * local_batch_size}
+    identity = {
+        "data.dataset": dataset,
+        "data.tokenizer": tokenizer.hash[:HASH_DIGITS],
+        "training.seed": seed,
+        "world size x training.local_batch_size": world_size * local_batch_size,
+    }
     return PackedLoader(stream, identity, seq_len, local_batch_size, rank, world_size, data.mask_boundary_loss)
 
 
@@ -243,6 +269,7 @@ def heldout_batches(config: Config, tokenizer: Tokenizer, rank: int, world_size:
     if not config.eval.interval:
         return []
     t = config.training
-    loader = build_dataloader(config.data, tokenizer, t.seq_len, t.local_batch_size, rank, world_size, t.seed,
-                              cache_dir, heldout=True)
+    loader = build_dataloader(
+        config.data, tokenizer, t.seq_len, t.local_batch_size, rank, world_size, t.seed, cache_dir, heldout=True
+    )
     return [next(loader) for _ in range(config.eval.batches)]

@@ -47,8 +47,10 @@ def stdlib_documents() -> Iterator[str]:
 
 
 def missing_field(file: Path, text_field: str, keys) -> UserError:
-    return UserError(f"data.text_field: {text_field!r} is not a field of the records in {file} "
-                     f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text")
+    return UserError(
+        f"data.text_field: {text_field!r} is not a field of the records in {file} "
+        f"(fields: {', '.join(map(str, keys))}); set data.text_field to the one holding the text"
+    )
 
 
 def _bad_record(where: str, what: str) -> UserError:
@@ -89,13 +91,16 @@ def _file_documents(file: Path, text_field: str) -> Iterator[str]:
             schema = pq.read_schema(file)
         except (pyarrow.ArrowException, OSError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"data.dataset: {file} is not a readable parquet file ({reason}); copy it again, or point "
-                            "data.dataset elsewhere") from None
+            raise UserError(
+                f"data.dataset: {file} is not a readable parquet file ({reason}); copy it again, or point "
+                "data.dataset elsewhere"
+            ) from None
         if text_field not in schema.names:
             raise missing_field(file, text_field, schema.names)
         if schema.field(text_field).type not in ("string", "large_string"):
-            raise _bad_record(f"{file} column {text_field!r}",
-                              f"must hold strings, holds {schema.field(text_field).type}")
+            raise _bad_record(
+                f"{file} column {text_field!r}", f"must hold strings, holds {schema.field(text_field).type}"
+            )
         for batch in pq.ParquetFile(file).iter_batches(columns=[text_field]):
             yield from batch.column(0).to_pylist()
     else:  # .jsonl, or .json holding either JSON lines or one array of records
@@ -108,8 +113,9 @@ def _file_documents(file: Path, text_field: str) -> Iterator[str]:
                         records = json.load(handle)
                     except json.JSONDecodeError as error:
                         raise _bad_record(f"{file}:{error.lineno}", f"not valid JSON ({error.msg})") from None
-                    yield from _records_text(file, ((f"{file} record {i}", r) for i, r in enumerate(records)),
-                                             text_field)
+                    yield from _records_text(
+                        file, ((f"{file} record {i}", r) for i, r in enumerate(records)), text_field
+                    )
                 else:
                     yield from _records_text(file, _json_lines(file, handle), text_field)
             except UnicodeDecodeError:
@@ -134,8 +140,9 @@ def local_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
-            raise UserError(f"data.dataset: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files; "
-                            "point it at a folder that does")
+            raise UserError(
+                f"data.dataset: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files; point it at a folder that does"
+            )
     elif path.suffix.lower() in FILE_SUFFIXES:
         files = [path]
     else:
@@ -155,8 +162,10 @@ def local_source(data: DataConfig) -> Callable[[], Iterator[str]] | None:
         return None
     path = Path(data.dataset).expanduser()
     if not path.exists():
-        raise UserError(f"data.dataset: {data.dataset!r} does not exist; give \"stdlib\", a "
-                        f"{'/'.join(FILE_SUFFIXES)} file or folder, or \"hf:NAME\" for a hub dataset")
+        raise UserError(
+            f'data.dataset: {data.dataset!r} does not exist; give "stdlib", a '
+            f'{"/".join(FILE_SUFFIXES)} file or folder, or "hf:NAME" for a hub dataset'
+        )
     return lambda: local_documents(path, data.text_field)
 
 
@@ -182,8 +191,10 @@ def hub_dataset(name: str, data: DataConfig):
         return datasets.load_dataset(name, data.dataset_config or None, split=data.split, streaming=True)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as error:
         if isinstance(error, ConnectionError) or "offline" in str(error).lower():
-            raise UserError(f"data.dataset: cannot reach the HF hub for {name!r}; connect, or give a local "
-                            ".jsonl/.parquet/.txt file or folder, or \"stdlib\"") from None
+            raise UserError(
+                f"data.dataset: cannot reach the HF hub for {name!r}; connect, or give a local "
+                '.jsonl/.parquet/.txt file or folder, or "stdlib"'
+            ) from None
         raise UserError(f"data.dataset: {name!r} not found on the HF hub ({error}); check the name") from None
     except ValueError as error:  # "Bad split: ..." or "BuilderConfig 'x' not found. Available: [...]"
         field = "data.split" if "split" in str(error).lower() else "data.dataset_config"

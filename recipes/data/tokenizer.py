@@ -31,8 +31,10 @@ class Tokenizer:
     def __init__(self, engine: tokenizers.Tokenizer, eos_token: str, name: str):
         eos_id = engine.token_to_id(eos_token)
         if eos_id is None:
-            raise UserError(f"data.eos_token: {eos_token!r} is not a token of {name}; "
-                            "set data.eos_token to a token in its vocabulary")
+            raise UserError(
+                f"data.eos_token: {eos_token!r} is not a token of {name}; "
+                "set data.eos_token to a token in its vocabulary"
+            )
         self.engine, self.eos_token, self.eos_id, self.name = engine, eos_token, eos_id, name
         self.vocab_size = engine.get_vocab_size(with_added_tokens=True)
         self.hash = hashlib.sha256(f"{engine.to_str()}\0{eos_id}".encode()).hexdigest()
@@ -50,8 +52,11 @@ def train_default_tokenizer(documents: Iterable[str], vocab_size: int) -> tokeni
     engine.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     engine.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[DEFAULT_EOS], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        special_tokens=[DEFAULT_EOS],
+        show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     engine.train_from_iterator(documents, trainer)
     return engine
 
@@ -86,8 +91,10 @@ def _config_eos(folder: Path) -> str:
     eos = (settings.get("eos_token") if isinstance(settings, dict) else None) or ""
     eos = eos.get("content", "") if isinstance(eos, dict) else eos
     if not isinstance(eos, str):
-        raise UserError(f"data.tokenizer: {config}: eos_token must be a string, got {type(eos).__name__}; fix it, "
-                        "or set data.eos_token")
+        raise UserError(
+            f"data.tokenizer: {config}: eos_token must be a string, got {type(eos).__name__}; fix it, "
+            "or set data.eos_token"
+        )
     return eos
 
 
@@ -95,13 +102,16 @@ def _file_tokenizer(data: DataConfig, tokenizer_json: Path, name: str) -> Tokeni
     try:
         engine = tokenizers.Tokenizer.from_file(str(tokenizer_json))
     except Exception as error:  # the Rust side raises a bare Exception for a malformed file
-        raise UserError(f"data.tokenizer: {tokenizer_json} is not a tokenizers JSON file ({error}); "
-                        "point it at a HF tokenizer.json") from None
+        raise UserError(
+            f"data.tokenizer: {tokenizer_json} is not a tokenizers JSON file ({error}); point it at a HF tokenizer.json"
+        ) from None
     eos = data.eos_token or _config_eos(tokenizer_json.parent)
     if not eos:
         if engine.token_to_id(DEFAULT_EOS) is None:
-            raise UserError(f"data.eos_token: {name} names no end-of-text token and has no {DEFAULT_EOS!r}; "
-                            "set data.eos_token to the token that separates documents")
+            raise UserError(
+                f"data.eos_token: {name} names no end-of-text token and has no {DEFAULT_EOS!r}; "
+                "set data.eos_token to the token that separates documents"
+            )
         eos = DEFAULT_EOS
     return Tokenizer(engine, eos, name)
 
@@ -118,11 +128,14 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["tokenizer.json", "tokenizer_config.json"]))
     except RepositoryNotFoundError:
-        raise UserError(f"data.tokenizer: no hub repository {repo_id!r}; check the id, or give a tokenizer.json "
-                        "file or folder") from None
+        raise UserError(
+            f"data.tokenizer: no hub repository {repo_id!r}; check the id, or give a tokenizer.json file or folder"
+        ) from None
     except Exception as error:  # offline, the hub client raises several unrelated types (OSError, httpx, offline mode)
-        raise UserError(f"data.tokenizer: cannot load {repo_id!r} (not a file/folder, and the hub is unreachable: "
-                        f"{type(error).__name__}); give a local tokenizer.json or folder, or \"default\"") from None
+        raise UserError(
+            f"data.tokenizer: cannot load {repo_id!r} (not a file/folder, and the hub is unreachable: "
+            f'{type(error).__name__}); give a local tokenizer.json or folder, or "default"'
+        ) from None
 
 
 def build_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
@@ -139,8 +152,9 @@ def build_tokenizer(data: DataConfig, cache_dir: Path) -> Tokenizer:
             raise UserError(f"data.tokenizer: folder {path} has no tokenizer.json; point it at one that does")
         return _file_tokenizer(data, path / "tokenizer.json", str(path))
     if _looks_like_path(spec):
-        raise UserError(f"data.tokenizer: {spec!r} does not exist; give a tokenizer.json, a folder, a hub id "
-                        "or \"default\"")
+        raise UserError(
+            f'data.tokenizer: {spec!r} does not exist; give a tokenizer.json, a folder, a hub id or "default"'
+        )
     folder = _hub_tokenizer_folder(spec)
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"data.tokenizer: hub repository {spec!r} has no tokenizer.json; use one that has")

@@ -63,16 +63,20 @@ def packed_offsets(document_starts: torch.Tensor) -> torch.Tensor:
 
 
 # The kernel outputs that selective activation checkpointing saves (recipes/build.py): every backend's.
-ATTENTION_OPS = frozenset(op for op in (
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_attention_math.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # the CPU references
-    torch._higher_order_ops.flex_attention,
-    getattr(getattr(torch.ops.torch_attn, "_varlen_attn", None), "default", None),  # varlen_attn (torch >= 2.10)
-    torch.ops.qwen3_fa4.forward.default,
-) if op is not None)
+ATTENTION_OPS = frozenset(
+    op
+    for op in (
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._scaled_dot_product_attention_math.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # the CPU references
+        torch._higher_order_ops.flex_attention,
+        getattr(getattr(torch.ops.torch_attn, "_varlen_attn", None), "default", None),  # varlen_attn (torch >= 2.10)
+        torch.ops.qwen3_fa4.forward.default,
+    )
+    if op is not None
+)
 
 
 @functools.cache
@@ -82,9 +86,7 @@ def _announce_cpu_reference(backend: str, why: str) -> None:
 
 def _reference_attention(q, k, v, allowed, scale):
     """Math attention on (batch, heads, seq, head_dim) under a boolean mask `allowed` (True = attend)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class SDPABackend:
@@ -179,8 +181,12 @@ def _resolve_varlen_kernel(kernel: str, device: torch.device) -> bool:
         raise RuntimeError(f"model.kernel = 'fa4' cannot run on {device}: {reason}; use 'torch' or 'auto'")
     uses_fa4 = kernel != "torch" and reason is None
     why = f"model.kernel = {kernel!r}" + (f"; FA4 cannot run: {reason}" if kernel == "auto" and reason else "")
-    log.info("attention: varlen runs %s on %s (%s)", "FlashAttention-4" if uses_fa4 else "torch's varlen_attn (FA2)",
-             device, why)
+    log.info(
+        "attention: varlen runs %s on %s (%s)",
+        "FlashAttention-4" if uses_fa4 else "torch's varlen_attn (FA2)",
+        device,
+        why,
+    )
     return uses_fa4
 
 
@@ -224,8 +230,13 @@ class VarlenBackend:
             out = fa4.varlen_attention(*packed, meta.cu_seqlens, meta.max_seqlen, scale)
         else:
             out = varlen_attn(
-                *packed, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                scale=scale, **self._causal_gqa_keywords(q_heads != k.shape[2]),
+                *packed,
+                meta.cu_seqlens,
+                meta.cu_seqlens,
+                meta.max_seqlen,
+                meta.max_seqlen,
+                scale=scale,
+                **self._causal_gqa_keywords(q_heads != k.shape[2]),
             )
         return out.view(batch, seq, q_heads, head_dim)
 

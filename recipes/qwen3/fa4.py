@@ -41,14 +41,23 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 @torch.library.custom_op("qwen3_fa4::forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     # Returns (out, lse, p, row_max, o_lo); the last three are MLA-only (None here). Varlen lse: (heads, tokens).
     out, lse, *_ = _flash_attn_fwd(
-        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True, return_lse=True,
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        softmax_scale=scale,
+        causal=True,
+        return_lse=True,
     )
     return out, lse
 
@@ -60,17 +69,35 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 
 
 @torch.library.custom_op("qwen3_fa4::backward", mutates_args=())
-def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
     # dq/dk/dv come out as empty_like(q/k/v): contiguous inputs make them contiguous, as the fake says.
     # cu_seqlens_k is needed too (without it k is read as (batch, seq, ...)); GQA's dk/dv keep kv_heads.
     q, k, v = (t.contiguous() for t in (q, k, v))
     dq, dk, dv = _flash_attn_bwd(
-        q, k, v, out, dout, lse, scale, True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        scale,
+        True,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
     )
     return dq, dk, dv
 
@@ -97,7 +124,8 @@ def _autograd_backward(ctx, dout, _dlse):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                     scale: float) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """Causal attention within each sequence of the packed token axis; cu_seqlens int32 on q's device."""
     return _forward(q, k, v, cu_seqlens, max_seqlen, scale)[0]

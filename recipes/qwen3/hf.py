@@ -52,12 +52,12 @@ def hf_name(name: str) -> str:
 def hf_config_to_qwen3(hf: dict, **overrides) -> Qwen3Config:
     """A config.json dict of an HF Qwen3 model -> Qwen3Config; `overrides` set our own fields (attention, ...)."""
     if hf.get("model_type") != "qwen3":
-        raise UserError(f"config.json: model_type {hf.get('model_type')!r} is not 'qwen3'; "
-                        "only dense Qwen3 checkpoints load here")
+        raise UserError(
+            f"config.json: model_type {hf.get('model_type')!r} is not 'qwen3'; only dense Qwen3 checkpoints load here"
+        )
     missing = [key for key in _REQUIRED if key not in hf]
     if missing:
-        raise UserError(f"config.json: {missing[0]} is missing; an HF Qwen3 config.json names "
-                        f"{', '.join(_REQUIRED)}")
+        raise UserError(f"config.json: {missing[0]} is missing; an HF Qwen3 config.json names {', '.join(_REQUIRED)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
@@ -67,8 +67,10 @@ def hf_config_to_qwen3(hf: dict, **overrides) -> Qwen3Config:
     }
     for field, present in unsupported.items():
         if present:
-            raise UserError(f"config.json: {field} is not supported by this Qwen3 fork; "
-                            "use a plain Qwen3 dense checkpoint (silu, no bias, full attention, default RoPE)")
+            raise UserError(
+                f"config.json: {field} is not supported by this Qwen3 fork; "
+                "use a plain Qwen3 dense checkpoint (silu, no bias, full attention, default RoPE)"
+            )
     eos = hf.get("eos_token_id")
     heads = hf["num_attention_heads"]
     config = Qwen3Config(
@@ -133,8 +135,10 @@ def _open_safetensors(file: Path):
         with safe_open(file, "pt") as f:
             yield f
     except (SafetensorError, OSError) as error:
-        raise UserError(f"model.init_from: {file} cannot be read as safetensors ({error}); it is damaged or cut "
-                        "short: copy it again, or point model.init_from at an intact HF Qwen3 folder") from None
+        raise UserError(
+            f"model.init_from: {file} cannot be read as safetensors ({error}); it is damaged or cut "
+            "short: copy it again, or point model.init_from at an intact HF Qwen3 folder"
+        ) from None
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -144,13 +148,17 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads((path / _SHARD_INDEX).read_text())["weight_map"]
             return {name: path / shard for name, shard in weight_map.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not an index
-            raise UserError(f"model.init_from: {path / _SHARD_INDEX} is not a safetensors index ({error!r}); copy "
-                            "it again, or point model.init_from at an intact HF Qwen3 folder") from None
+            raise UserError(
+                f"model.init_from: {path / _SHARD_INDEX} is not a safetensors index ({error!r}); copy "
+                "it again, or point model.init_from at an intact HF Qwen3 folder"
+            ) from None
     if (path / _SINGLE_FILE).is_file():
         with _open_safetensors(path / _SINGLE_FILE) as f:
             return {name: path / _SINGLE_FILE for name in f.keys()}
-    raise UserError(f"{path}: neither {_SINGLE_FILE} nor {_SHARD_INDEX} found; "
-                    "point model.init_from at an HF Qwen3 folder saved with safetensors")
+    raise UserError(
+        f"{path}: neither {_SINGLE_FILE} nor {_SHARD_INDEX} found; "
+        "point model.init_from at an HF Qwen3 folder saved with safetensors"
+    )
 
 
 @torch.no_grad()
@@ -167,27 +175,34 @@ def load_hf_weights(model: Qwen3Model, path: str | Path) -> None:
     if config.tie_embeddings:
         unexpected.discard(hf_name("output.weight"))  # some exporters write the tied head too; checked below
     if unexpected:
-        raise UserError(f"{path}: unexpected tensor {sorted(unexpected)[0]} ({len(unexpected)} in all); "
-                        "only dense Qwen3 checkpoints load here")
+        raise UserError(
+            f"{path}: unexpected tensor {sorted(unexpected)[0]} ({len(unexpected)} in all); "
+            "only dense Qwen3 checkpoints load here"
+        )
     for name, param in expected.items():
         key = hf_name(name)
         if key not in files:
-            raise UserError(f"{path}: tensor {key} is missing; the checkpoint is incomplete "
-                            "or its config.json does not describe it")
+            raise UserError(
+                f"{path}: tensor {key} is missing; the checkpoint is incomplete or its config.json does not describe it"
+            )
         local, rows = local_rows(param)
         with _open_safetensors(files[key]) as f:
             stored = f.get_slice(key)
             if tuple(stored.get_shape()) != tuple(param.shape):
-                raise UserError(f"{path}: tensor {key} has shape {tuple(stored.get_shape())}, config.json implies "
-                                f"{tuple(param.shape)}; fix config.json or the checkpoint")
+                raise UserError(
+                    f"{path}: tensor {key} has shape {tuple(stored.get_shape())}, config.json implies "
+                    f"{tuple(param.shape)}; fix config.json or the checkpoint"
+                )
             local.copy_(stored[rows])
     head = hf_name("output.weight")
     if config.tie_embeddings and head in files:
         local, rows = local_rows(model.tok_embeddings.weight)
         with _open_safetensors(files[head]) as f:
             if not torch.equal(f.get_slice(head)[rows].to(local.dtype), local):
-                raise UserError(f"{path}: lm_head.weight differs from model.embed_tokens.weight although "
-                                "tie_word_embeddings is true; set it false in config.json")
+                raise UserError(
+                    f"{path}: lm_head.weight differs from model.embed_tokens.weight although "
+                    "tie_word_embeddings is true; set it false in config.json"
+                )
 
 
 def save_hf_checkpoint(model: Qwen3Model, path: str | Path) -> None:
@@ -198,8 +213,11 @@ def save_hf_checkpoint(model: Qwen3Model, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    tensors = {hf_name(name): tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-               if not (config.tie_embeddings and name == "output.weight")}
+    tensors = {
+        hf_name(name): tensor.detach().contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (config.tie_embeddings and name == "output.weight")
+    }
     save_file(tensors, path / _SINGLE_FILE, metadata={"format": "pt"})
     dtype = model.tok_embeddings.weight.dtype
     (path / "config.json").write_text(json.dumps(qwen3_to_hf_config(config, dtype), indent=2) + "\n")

@@ -77,12 +77,14 @@ _compiled: dict = {}
 def _kernel(fn):
     """`fn` compiled with torch.compile on CUDA (one fused pass over the chunk instead of a dozen eager ones);
     eager elsewhere, where compiling would cost more than it saves (CPU tests stay seconds long)."""
+
     def call(*args):
         if args[0].device.type != "cuda":
             return fn(*args)
         if fn not in _compiled:
             _compiled[fn] = torch.compile(fn)
         return _compiled[fn](*args)
+
     return call
 
 
@@ -114,12 +116,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, n, chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = h @ weight.t()  # (chunk, vocab) in the inputs' dtype
             part, grad = chunk_loss_and_grad(logits, y, ignore_index)  # grad: d loss / d logits
             loss += part
             if need_hidden:
-                _mm_into(grad_hidden[start:start + chunk], grad, weight, accumulate=False)
+                _mm_into(grad_hidden[start : start + chunk], grad, weight, accumulate=False)
             if need_weight:
                 _mm_into(grad_weight, grad.t(), h, accumulate=True)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -136,8 +138,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
-                         chunk_tokens: int | None = None) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None
+) -> Tensor:
     """SUM over the labels != ignore_index of the cross-entropy of `hidden @ weight.T`, as a float32 scalar:
     F.cross_entropy(logits.float(), labels, reduction="sum") without the logits; `mean_loss` averages it.
 
@@ -145,15 +148,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     int64. Softmax and log-sum-exp in float32; gradients accumulate in float32 and come back in the inputs'
     dtypes. `chunk_tokens` (default CHUNK_TOKENS) sets how many rows of logits exist at a time.
     """
-    if (hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]
-            or hidden.shape[1] != weight.shape[1]):
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
-                         f"labels {tuple(labels.shape)} must be (N, dim), (vocab, dim) and (N,)")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
+            f"labels {tuple(labels.shape)} must be (N, dim), (vocab, dim) and (N,)"
+        )
     chunk = chunk_tokens or CHUNK_TOKENS
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)  # evaluation: no gradient work
     for start in range(0, hidden.shape[0], chunk):
-        loss += chunk_loss(hidden[start:start + chunk] @ weight.t(), labels[start:start + chunk], ignore_index)
+        loss += chunk_loss(hidden[start : start + chunk] @ weight.t(), labels[start : start + chunk], ignore_index)
     return loss

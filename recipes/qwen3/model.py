@@ -40,11 +40,13 @@ class Qwen3Config:
 
 # The published Qwen3 dense shapes (Qwen3 technical report, Table 1; HF config.json of each model).
 FLAVORS: dict[str, Qwen3Config] = {
-    "debug": Qwen3Config(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
-                         hidden_dim=384, max_seq_len=2048),
+    "debug": Qwen3Config(
+        vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384, max_seq_len=2048
+    ),
     # Not a published shape: ~30M parameters, for comparing backends on a few GPUs in minutes.
-    "small": Qwen3Config(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
-                         hidden_dim=1536, max_seq_len=8192),
+    "small": Qwen3Config(
+        vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, hidden_dim=1536, max_seq_len=8192
+    ),
     "0.6B": Qwen3Config(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072),
     "1.7B": Qwen3Config(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=6144),
     "4B": Qwen3Config(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, hidden_dim=9728),
@@ -152,8 +154,9 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config, self.backend) for i in range(config.n_layers)})
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_buffer("rope", rope_cache(config.head_dim, config.max_seq_len, config.rope_theta),
-                             persistent=False)
+        self.register_buffer(
+            "rope", rope_cache(config.head_dim, config.max_seq_len, config.rope_theta), persistent=False
+        )
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -168,8 +171,9 @@ class Qwen3Model(nn.Module):
         1/sqrt(dim) for an untied output head, ones for norms.
         """
         generator = None if seed is None else torch.Generator(self.rope.device).manual_seed(seed)
-        self.rope.copy_(rope_cache(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta,
-                                   device=self.rope.device))
+        self.rope.copy_(
+            rope_cache(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device=self.rope.device)
+        )
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
@@ -178,8 +182,13 @@ class Qwen3Model(nn.Module):
             _normal_(self.output.weight, self.config.dim**-0.5, generator)
         for index, layer in enumerate(self.layers.values()):
             residual_std = 0.02 / math.sqrt(2 * (index + 1))
-            for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1,
-                           layer.feed_forward.w3):
+            for linear in (
+                layer.attention.wq,
+                layer.attention.wk,
+                layer.attention.wv,
+                layer.feed_forward.w1,
+                layer.feed_forward.w3,
+            ):
                 _normal_(linear.weight, 0.02, generator)
             for linear in (layer.attention.wo, layer.feed_forward.w2):
                 _normal_(linear.weight, residual_std, generator)

@@ -70,5 +70,8 @@ def inject_scale_applied_twice(model: Qwen3Model) -> Qwen3Model:
     return model
 
 
-MUTATIONS = {"layout": inject_varlen_layout_mistake, "leak": inject_document_mask_leak,
-             "scale": inject_scale_applied_twice}
+MUTATIONS = {
+    "layout": inject_varlen_layout_mistake,
+    "leak": inject_document_mask_leak,
+    "scale": inject_scale_applied_twice,
+}

@@ -81,7 +81,7 @@ def _read_proc_stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the name, in parentheses, may hold spaces
+    fields = text[text.rindex(")") + 2 :].split()  # the name, in parentheses, may hold spaces
     return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
 
 
@@ -98,8 +98,7 @@ def _machine() -> dict:
         pid_ns = os.readlink("/proc/self/ns/pid")
     except OSError:
         pid_ns = None
-    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
-            "pid_ns": pid_ns}
+    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
 
 
 def _now_iso() -> str:
@@ -109,6 +108,7 @@ def _now_iso() -> str:
 @dataclass
 class _Seen:
     """A hold file as read: its record (None if unreadable), mtime, and the key naming this very hold."""
+
     record: dict | None
     mtime: float
     key: str
@@ -131,8 +131,12 @@ def _read_hold(path: Path) -> _Seen | None:
         return None
     try:
         record = json.loads(data)
-        if not (isinstance(record, dict) and isinstance(record.get("token"), str)
-                and isinstance(record.get("pid"), int) and record["pid"] > 0):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("token"), str)
+            and isinstance(record.get("pid"), int)
+            and record["pid"] > 0
+        ):
             record = None
     except ValueError:
         record = None
@@ -189,12 +193,14 @@ class _Folder:
                 self.created.append(folder)
             except FileExistsError:  # another newcomer made it a moment ago
                 if not folder.is_dir():
-                    raise UserError(f"job.output_dir: {folder} is a file, not a folder; choose another "
-                                    "job.output_dir") from None
+                    raise UserError(
+                        f"job.output_dir: {folder} is a file, not a folder; choose another job.output_dir"
+                    ) from None
             except OSError as error:
                 self.undo()
-                raise UserError(f"job.output_dir: cannot create {folder} ({error.strerror}); choose another "
-                                "job.output_dir") from None
+                raise UserError(
+                    f"job.output_dir: cannot create {folder} ({error.strerror}); choose another job.output_dir"
+                ) from None
 
     def _mtime(self) -> int | None:
         try:
@@ -234,8 +240,13 @@ class RunHold:
     outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it.
     """
 
-    def __init__(self, output_dir: Path, token: str | None = None, folder: _Folder | None = None,
-                 heartbeat_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        output_dir: Path,
+        token: str | None = None,
+        folder: _Folder | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / HOLD_FILE
         self.token = token
@@ -248,16 +259,27 @@ class RunHold:
     # -- taking ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def take(cls, output_dir: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
-             claim_stale_s: float = CLAIM_STALE_S) -> RunHold:
+    def take(
+        cls,
+        output_dir: Path,
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+        claim_stale_s: float = CLAIM_STALE_S,
+    ) -> RunHold:
         """Holds `output_dir` (created with its parents if missing) for this process, or raises UserError naming
         the live holder. A stale hold is taken over with one warning. Starts the heartbeat."""
         output_dir = Path(output_dir)
         folder = _Folder(output_dir)
         token = uuid.uuid4().hex
-        record = {**_machine(), "pid": os.getpid(), "started": _now_iso(), "token": token,
-                  "proc_start": (_read_proc_stat(os.getpid()) or (None, None))[1],
-                  "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        record = {
+            **_machine(),
+            "pid": os.getpid(),
+            "started": _now_iso(),
+            "token": token,
+            "proc_start": (_read_proc_stat(os.getpid()) or (None, None))[1],
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
         refusal = None
         try:
             for _ in range(ATTEMPTS):
@@ -272,15 +294,19 @@ class RunHold:
                     refusal = outcome.message
                     time.sleep(TAKEOVER_WAIT_S)
                 else:
-                    refusal = (f"job.output_dir: {output_dir} is contended: other runs took and released it "
-                               f"{ATTEMPTS} times while this one tried; wait for them, or choose another "
-                               "job.output_dir")
+                    refusal = (
+                        f"job.output_dir: {output_dir} is contended: other runs took and released it "
+                        f"{ATTEMPTS} times while this one tried; wait for them, or choose another "
+                        "job.output_dir"
+                    )
         except OSError as error:
             folder.undo()
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # a full or failing disk, not a bad path
                 raise write_failed(output_dir / HOLD_FILE, error) from None
-            raise UserError(f"job.output_dir: cannot write the hold {output_dir / HOLD_FILE} ({error.strerror}); "
-                            "choose another job.output_dir") from None
+            raise UserError(
+                f"job.output_dir: cannot write the hold {output_dir / HOLD_FILE} ({error.strerror}); "
+                "choose another job.output_dir"
+            ) from None
         if refusal is not None:
             folder.undo()
             raise UserError(refusal)
@@ -301,8 +327,11 @@ class RunHold:
                 hold = cls.take(output_dir, **take_args)
             except Exception as failure:  # noqa: BLE001 - any failure must reach the other ranks
                 error = failure
-                message = str(failure) if isinstance(failure, UserError) else (
-                    f"job.output_dir: rank 0 could not take the hold on {output_dir} ({failure!r})")
+                message = (
+                    str(failure)
+                    if isinstance(failure, UserError)
+                    else (f"job.output_dir: rank 0 could not take the hold on {output_dir} ({failure!r})")
+                )
         try:
             message = _broadcast_from_main(message)
         except BaseException:
@@ -339,16 +368,17 @@ class RunHold:
                 ours, seen = False, None
             except (OSError, ValueError) as error:
                 if not failing:
-                    log.warning("hold %s: heartbeat failed (%s); retrying every %.0f s", self.path, error,
-                                self._heartbeat_s)
+                    log.warning(
+                        "hold %s: heartbeat failed (%s); retrying every %.0f s", self.path, error, self._heartbeat_s
+                    )
                 failing = True
                 continue
             failing = False
             if not ours and not lost:
-                holder = (_Seen(seen, 0, "").describe() if isinstance(seen, dict) and "token" in seen
-                          else "nobody")
-                log.warning("hold %s: lost, now held by %s; another run may write to %s", self.path, holder,
-                            self.output_dir)
+                holder = _Seen(seen, 0, "").describe() if isinstance(seen, dict) and "token" in seen else "nobody"
+                log.warning(
+                    "hold %s: lost, now held by %s; another run may write to %s", self.path, holder, self.output_dir
+                )
             lost = not ours
 
     def release(self) -> None:
@@ -364,8 +394,11 @@ class RunHold:
         if seen is not None and seen.record is not None and seen.record["token"] == self.token:
             self._folder.change(lambda: self.path.unlink(missing_ok=True))
         else:
-            log.warning("hold %s: not ours any more at release (%s); left as it is", self.path,
-                        seen.describe() if seen else "removed")
+            log.warning(
+                "hold %s: not ours any more at release (%s); left as it is",
+                self.path,
+                seen.describe() if seen else "removed",
+            )
         self._folder.undo()
 
     def __enter__(self) -> RunHold:
@@ -394,6 +427,7 @@ def _broadcast_from_main(message: str | None) -> str | None:
 @dataclass
 class _Busy:
     """Another newcomer is taking over the stale hold (milliseconds): look again shortly, else refuse."""
+
     message: str
 
 
@@ -416,8 +450,10 @@ class _Attempt:
                 return None  # released meanwhile
             stale, why = _judge(seen, self.now, self.stale_after_s)
             if not stale:
-                return (f"job.output_dir: {self.dir} is held by a live run ({seen.describe()}; {why}); wait for "
-                        "it to end, stop it, or choose another job.output_dir")
+                return (
+                    f"job.output_dir: {self.dir} is held by a live run ({seen.describe()}; {why}); wait for "
+                    "it to end, stop it, or choose another job.output_dir"
+                )
             return self._take_over(seen, why)
         finally:
             self.folder.change(lambda: self.tmp.unlink(missing_ok=True))
@@ -463,14 +499,19 @@ class _Attempt:
     def _take_over(self, stale: _Seen, why: str) -> bool | str | _Busy | None:
         key = hashlib.sha256(stale.key.encode()).hexdigest()[:16]
         prefix = f"{HOLD_FILE}.takeover-{key}-"
-        claims = sorted((int(entry.name[len(prefix):]), entry.name) for entry in os.scandir(self.dir)
-                        if entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit())
+        claims = sorted(
+            (int(entry.name[len(prefix) :]), entry.name)
+            for entry in os.scandir(self.dir)
+            if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
+        )
         if claims:
             last = _read_hold(self.dir / claims[-1][1])
             if last is not None and self.now - last.mtime <= self.claim_stale_s:
-                return _Busy(f"job.output_dir: {self.dir} is being taken over by another run ({last.describe()}) "
-                             f"from a stale hold ({stale.describe()}); rerun to see which run holds it, or choose "
-                             "another job.output_dir")
+                return _Busy(
+                    f"job.output_dir: {self.dir} is being taken over by another run ({last.describe()}) "
+                    f"from a stale hold ({stale.describe()}); rerun to see which run holds it, or choose "
+                    "another job.output_dir"
+                )
         claim = self.dir / f"{prefix}{claims[-1][0] + 1 if claims else 1}"
         if not self._link(claim):
             return None  # another newcomer claimed it first: look again

@@ -81,12 +81,14 @@ def _wandb_records(path: Path) -> list[dict]:
     """The records of an offline run's .wandb log, through W&B's documented `wandb leet inspect --json`."""
     result = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise UserError(f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb "
-                        "file")
+        raise UserError(
+            f"{path}: W&B could not read this run ({reason}); pass an offline-run-* folder or its .wandb file"
+        )
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -113,8 +115,9 @@ def read_wandb_summary(path: str | Path) -> tuple[dict, list[str]]:
     summary, tags = {}, []
     for record in _wandb_records(_wandb_log_file(Path(path))):
         if record.get("type") == "summary":
-            summary.update({key: value for key, value in record["summary"].get("update", {}).items()
-                            if not key.startswith("_")})
+            summary.update(
+                {key: value for key, value in record["summary"].get("update", {}).items() if not key.startswith("_")}
+            )
         elif record.get("type") == "run" and record["run"].get("tags") is not None:
             tags = record["run"]["tags"]
     return summary, tags
@@ -125,8 +128,10 @@ def _wandb_log_file(path: Path) -> Path:
         return path
     logs = sorted(path.glob("run-*.wandb")) if path.is_dir() else []
     if len(logs) != 1:
-        raise UserError(f"{path}: expected one run-*.wandb file there, found {len(logs)}; "
-                        "pass one wandb/offline-run-* folder or its .wandb file")
+        raise UserError(
+            f"{path}: expected one run-*.wandb file there, found {len(logs)}; "
+            "pass one wandb/offline-run-* folder or its .wandb file"
+        )
     return logs[0]
 
 
@@ -155,8 +160,10 @@ def _fetch_wandb_api(run_path: str) -> tuple[object, list[dict]]:
             row.update({key: value for key, value in item.items() if not key.startswith("_") and value is not None})
             rows.append(row)
     except (wandb.errors.Error, ValueError, OSError) as error:
-        raise UserError(f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({first_line(error)}); "
-                        "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder") from None
+        raise UserError(
+            f"{WANDB_API_PREFIX}{run_path}: W&B API unreachable or run not found ({first_line(error)}); "
+            "set WANDB_API_KEY and network access, or pass the run's offline-run-* folder"
+        ) from None
     return api_run, _by_step(rows)
 
 
@@ -179,13 +186,14 @@ def load_run(source: str) -> Run:
     """A run from a train.py output dir (metrics.jsonl), an offline W&B run (folder or .wandb file) or
     "wandb:ENTITY/PROJECT/RUN_ID", labelled by its [model] attention where the run records it."""
     if source.startswith(WANDB_API_PREFIX):
-        api_run, rows = _fetch_wandb_api(source[len(WANDB_API_PREFIX):])
+        api_run, rows = _fetch_wandb_api(source[len(WANDB_API_PREFIX) :])
         config = dict(api_run.config)
         return Run(_attention(config) or api_run.name, source, rows, config)
     path = Path(source)
     if not path.exists():
-        raise UserError(f"{source}: no such file or directory; pass a run dir, a W&B offline run or "
-                        "wandb:ENTITY/PROJECT/RUN_ID")
+        raise UserError(
+            f"{source}: no such file or directory; pass a run dir, a W&B offline run or wandb:ENTITY/PROJECT/RUN_ID"
+        )
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         config = _config_toml(path)
         return Run(_attention(config) or path.resolve().name, source, read_metrics(path), config)
@@ -195,5 +203,7 @@ def load_run(source: str) -> Run:
         config = _wandb_config(records)
         label = _attention(config) or run_record.get("display_name") or path.resolve().name
         return Run(label, source, _history_rows(records), config)
-    raise UserError(f"{source}: neither metrics.jsonl nor a run-*.wandb file there; "
-                    "pass a train.py output dir, a wandb/offline-run-* folder or wandb:ENTITY/PROJECT/RUN_ID")
+    raise UserError(
+        f"{source}: neither metrics.jsonl nor a run-*.wandb file there; "
+        "pass a train.py output dir, a wandb/offline-run-* folder or wandb:ENTITY/PROJECT/RUN_ID"
+    )

@@ -45,8 +45,10 @@ def runs(packed_starts, reference_attention) -> dict[str, list[torch.Tensor]]:
     """The same bf16 inputs (documents of odd lengths, GQA 16/8) through FA4, torch's varlen and float64."""
     starts = realistic_starts(packed_starts)
     generator = torch.Generator("cuda").manual_seed(0)
-    q, k, v, grad_out = (torch.randn(BATCH, SEQ, heads, HEAD_DIM, device="cuda", generator=generator)
-                         .to(torch.bfloat16) for heads in (Q_HEADS, KV_HEADS, KV_HEADS, Q_HEADS))
+    q, k, v, grad_out = (
+        torch.randn(BATCH, SEQ, heads, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16)
+        for heads in (Q_HEADS, KV_HEADS, KV_HEADS, Q_HEADS)
+    )
     attentions = {kernel: build_backend("varlen", "document", kernel) for kernel in ("fa4", "torch")}
     result = {name: _out_and_grads(a, starts, q, k, v, grad_out, torch.bfloat16) for name, a in attentions.items()}
     result["float64"] = _out_and_grads(reference_attention("document"), starts, q, k, v, grad_out, torch.float64)
@@ -68,8 +70,17 @@ def test_fa4_matches_torch_varlen(runs):
 def test_compiled_block_with_fa4_matches_eager(packed_starts):
     """fullgraph=True fails on any graph break; two batches with different document boundaries (other
     cu_seqlens length and max_seqlen) must both run compiled and agree with eager."""
-    config = Qwen3Config(dim=512, n_heads=8, n_kv_heads=4, head_dim=64, hidden_dim=1024, max_seq_len=SEQ,
-                         attention="varlen", mask="document", kernel="fa4")
+    config = Qwen3Config(
+        dim=512,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=64,
+        hidden_dim=1024,
+        max_seq_len=SEQ,
+        attention="varlen",
+        mask="document",
+        kernel="fa4",
+    )
     torch.manual_seed(0)
     eager = TransformerBlock(config, build_backend("varlen", "document", "fa4")).cuda().to(torch.bfloat16)
     compiled = copy.deepcopy(eager)

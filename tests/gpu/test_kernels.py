@@ -29,19 +29,30 @@ CASES = [("sdpa", "auto"), ("flex", "auto"), ("varlen", "torch"), ("varlen", "fa
 def error_table(pytestconfig):
     rows: list[dict] = []
     yield rows
-    lines = [f"\nAttention kernels, bf16 vs float64, relative L2 error; {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}; batch {BATCH}, seq {SEQ}, heads {Q_HEADS}/{KV_HEADS}, head_dim {HEAD_DIM}",
-             "| backend | kernel | mask | out | grad q | grad k | grad v |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['backend']} | {r['kernel']} | {r['mask']} | "
-              + " | ".join(f"{r[key]:.1e}" for key in ("out", "q", "k", "v")) + " |" for r in rows]
+    lines = [
+        f"\nAttention kernels, bf16 vs float64, relative L2 error; {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}; batch {BATCH}, seq {SEQ}, heads {Q_HEADS}/{KV_HEADS}, head_dim {HEAD_DIM}",
+        "| backend | kernel | mask | out | grad q | grad k | grad v |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['backend']} | {r['kernel']} | {r['mask']} | "
+        + " | ".join(f"{r[key]:.1e}" for key in ("out", "q", "k", "v"))
+        + " |"
+        for r in rows
+    ]
     with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print("\n".join(lines))
     if os.environ.get("GPU_RESULTS_DIR"):
         path = Path(os.environ["GPU_RESULTS_DIR"]) / "attention_kernels.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         shape = dict(batch=BATCH, seq=SEQ, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM)
-        path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                        shape=shape, rows=rows), indent=2) + "\n")
+        path.write_text(
+            json.dumps(
+                dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=shape, rows=rows), indent=2
+            )
+            + "\n"
+        )
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -58,17 +69,21 @@ def realistic_starts(packed_starts) -> torch.Tensor:
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend_name,kernel", CASES, ids=[f"{b}-{k}" for b, k in CASES])
-def test_kernel_matches_float64_reference(backend_name, kernel, mask, packed_starts, backend_and_reference,
-                                          error_table):
+def test_kernel_matches_float64_reference(
+    backend_name, kernel, mask, packed_starts, backend_and_reference, error_table
+):
     if kernel == "fa4" and (reason := fa4.unavailable_reason(torch.device("cuda"))):
         pytest.skip(reason)
     generator = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(BATCH, SEQ, heads, HEAD_DIM, device="cuda", generator=generator)
-               .to(torch.bfloat16).requires_grad_() for heads in (Q_HEADS, KV_HEADS, KV_HEADS))
+    q, k, v = (
+        torch.randn(BATCH, SEQ, heads, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
+        for heads in (Q_HEADS, KV_HEADS, KV_HEADS)
+    )
     grad_out = torch.randn(BATCH, SEQ, Q_HEADS, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16)
 
-    out, expected, grads = backend_and_reference(backend_name, mask, realistic_starts(packed_starts), q, k, v,
-                                                 grad_out, HEAD_DIM**-0.5, kernel)
+    out, expected, grads = backend_and_reference(
+        backend_name, mask, realistic_starts(packed_starts), q, k, v, grad_out, HEAD_DIM**-0.5, kernel
+    )
 
     errors = {"out": _relative_error(out, expected)}
     errors.update({name: _relative_error(got, want) for name, got, want in grads})

@@ -23,9 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: f
 import torch  # noqa: E402
 from train_process import DEBUG_CONFIG, launch, train_env, worker_pids  # noqa: E402
 
-RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "12", "--training.seq_len", "64",
-       "--training.local_batch_size", "2", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
-       "--checkpoint.interval", "4"]  # W&B on (offline), as in the debug config: rank 0 then exits last
+RUN = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.steps",
+    "12",
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "2",
+    "--optimizer.warmup_steps",
+    "2",
+    "--metrics.log_every",
+    "1",
+    "--checkpoint.interval",
+    "4",
+]  # W&B on (offline), as in the debug config: rank 0 then exits last
 
 
 def logged_steps(out: Path) -> int:
@@ -43,8 +56,12 @@ def one_round(env: dict, root: Path) -> dict:
     rerun = launch(env, root / "rerun.log", [*RUN, "--job.output_dir", str(out)], nproc=2)
     rerun.wait(timeout=600)
     console = (root / "rerun.log").read_text()
-    return {"killed_exit": killed.returncode, "rerun_exit": rerun.returncode, "done": "] done: " in console,
-            "aborted": "terminate called" in console or "SIGABRT" in console or "exitcode: -6" in console}
+    return {
+        "killed_exit": killed.returncode,
+        "rerun_exit": rerun.returncode,
+        "done": "] done: " in console,
+        "aborted": "terminate called" in console or "SIGABRT" in console or "exitcode: -6" in console,
+    }
 
 
 def main() -> None:
@@ -60,9 +77,12 @@ def main() -> None:
             root.mkdir()
             rows.append(one_round(env, root))
             print(index, rows[-1], flush=True)
-    result = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-              "torch": torch.__version__, "rounds": rows,
-              "clean": sum(row["rerun_exit"] == 0 and row["done"] and not row["aborted"] for row in rows)}
+    result = {
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        "torch": torch.__version__,
+        "rounds": rows,
+        "clean": sum(row["rerun_exit"] == 0 and row["done"] and not row["aborted"] for row in rows),
+    }
     print(json.dumps({key: value for key, value in result.items() if key != "rounds"}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -35,8 +35,14 @@ MUTATED = {"layout": "varlen", "leak": "flex", "scale": "varlen"}  # mutation ->
 
 def launcher(env: dict, *args: str, cwd: Path = REPO, log: Path | None = None) -> subprocess.Popen:
     output = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen(["bash", str(LAUNCHER), *args], cwd=cwd, env={**env, "PYTHON": sys.executable},
-                            stdout=output, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", str(LAUNCHER), *args],
+        cwd=cwd,
+        env={**env, "PYTHON": sys.executable},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,27 @@ def proof(env, tmp_path_factory) -> dict[str, Path]:
     "log": its console. The launcher runs from another folder with a relative --out, which must land there."""
     root = tmp_path_factory.mktemp("backend-proof")
     log = root / "train_backends.log"
-    finish(launcher(env, "--preset", "cpu", "--pretrain-steps", str(PRETRAIN), "--steps", str(STEPS), "--out",
-                    "backends", "--nproc", "1", "--", "--metrics.wandb", "true", cwd=root, log=log), log)
+    finish(
+        launcher(
+            env,
+            "--preset",
+            "cpu",
+            "--pretrain-steps",
+            str(PRETRAIN),
+            "--steps",
+            str(STEPS),
+            "--out",
+            "backends",
+            "--nproc",
+            "1",
+            "--",
+            "--metrics.wandb",
+            "true",
+            cwd=root,
+            log=log,
+        ),
+        log,
+    )
     out = root / "backends"
     runs = {"out": out, "log": log, "start": out / "start", **{name: out / f"qwen3_{name}" for name in HONEST}}
     for mutation, backend in MUTATED.items():
@@ -57,9 +82,22 @@ def proof(env, tmp_path_factory) -> dict[str, Path]:
         subprocess.run(["cp", "-r", str(runs["start"] / "checkpoints"), str(run_dir)], check=True)
         with open(root / f"{mutation}.log", "w") as output:
             mutant = subprocess.Popen(
-                [sys.executable, "tests/process/train_mutated.py", mutation, "--config", str(run_dir / "config.toml"),
-                 "--job.output_dir", str(run_dir), "--metrics.wandb", "false"],
-                cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "tests/process/train_mutated.py",
+                    mutation,
+                    "--config",
+                    str(run_dir / "config.toml"),
+                    "--job.output_dir",
+                    str(run_dir),
+                    "--metrics.wandb",
+                    "false",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         finish(mutant, root / f"{mutation}.log")
         runs[mutation] = run_dir
     return runs
@@ -71,8 +109,11 @@ def test_the_launcher_pretrains_once_and_continues_every_backend_from_it(proof):
     for name in HONEST:
         backend = name.removesuffix("_repeat")
         config = load_config(str(proof[name] / "config.toml"))
-        assert (config.model.attention, config.metrics.wandb_group, config.job.name) == (backend, "backends",
-                                                                                         f"qwen3_{name}")
+        assert (config.model.attention, config.metrics.wandb_group, config.job.name) == (
+            backend,
+            "backends",
+            f"qwen3_{name}",
+        )
         assert [row["step"] for row in read_metrics(proof[name])] == list(range(PRETRAIN + 1, PRETRAIN + STEPS + 1))
         history = [json.loads(line) for line in (proof[name] / "config_history.jsonl").read_text().splitlines()]
         assert history[0]["step"] == PRETRAIN
@@ -85,8 +126,10 @@ def test_the_launcher_pretrains_once_and_continues_every_backend_from_it(proof):
     assert imread(out / "compare.png").ndim == 3
     assert (out / "eval_matrix.md").read_text().startswith("| trained with")
     log = proof["log"].read_text()
-    assert "AGREE: all 6 pairs within tolerance (floor from sdpa (qwen3_sdpa) vs sdpa (qwen3_sdpa_repeat)); " \
-           "eval matrix spread" in log
+    assert (
+        "AGREE: all 6 pairs within tolerance (floor from sdpa (qwen3_sdpa) vs sdpa (qwen3_sdpa_repeat)); "
+        "eval matrix spread" in log
+    )
     assert log.rstrip().endswith(f"scripts/eval_matrix.py {out}/start --mutation")
     assert f"scripts/compare_runs.py {out}/{{qwen3_sdpa,qwen3_flex,qwen3_varlen,qwen3_sdpa_repeat}}" in log
 
@@ -107,8 +150,16 @@ def test_every_mutation_disagrees_while_the_honest_backends_agree(proof, mutatio
     honest = [name for name in HONEST if name != backend]  # the honest run of its backend would be its repeat
     label = f"{backend} MUTATED ({mutation})"
     table = tmp_path / "compare.json"
-    code = compare_main([*(str(proof[name]) for name in honest), str(proof[mutation]), "--json", str(table),
-                         "--labels", ",".join(honest + [label])])
+    code = compare_main(
+        [
+            *(str(proof[name]) for name in honest),
+            str(proof[mutation]),
+            "--json",
+            str(table),
+            "--labels",
+            ",".join(honest + [label]),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1, out
     result = json.loads(table.read_text())
@@ -132,8 +183,9 @@ def test_the_start_checkpoint_agrees_under_every_backend_and_not_through_the_lay
 
 
 def eval_matrix(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EVAL_MATRIX), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(EVAL_MATRIX), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("missing", ["checkpoints", "config.toml"])
@@ -146,8 +198,11 @@ def test_eval_matrix_refuses_a_run_it_cannot_evaluate_with_one_line(proof, env, 
     result = eval_matrix(env, str(proof["start"]), str(bad))
     assert result.returncode == USER_ERROR_EXIT_CODE
     assert result.stdout == ""
-    fix = (f"no complete checkpoint; train it first or pick --step from {bad / 'checkpoints'}"
-           if missing == "checkpoints" else "no config.toml there; pass the job.output_dir of a train.py run")
+    fix = (
+        f"no complete checkpoint; train it first or pick --step from {bad / 'checkpoints'}"
+        if missing == "checkpoints"
+        else "no config.toml there; pass the job.output_dir of a train.py run"
+    )
     assert result.stderr == f"error: {bad}: {fix}\n"
 
 
@@ -170,8 +225,20 @@ def alive(pid: int) -> bool:
 
 def test_terminating_the_launcher_stops_the_runs_it_started(env, tmp_path):
     out = tmp_path / "stopped"
-    process = launcher(env, "--preset", "cpu", "--pretrain-steps", "100000", "--out", str(out), "--nproc", "1",
-                       "--", "--metrics.wandb", "false")
+    process = launcher(
+        env,
+        "--preset",
+        "cpu",
+        "--pretrain-steps",
+        "100000",
+        "--out",
+        str(out),
+        "--nproc",
+        "1",
+        "--",
+        "--metrics.wandb",
+        "false",
+    )
     deadline = time.monotonic() + 120
     while not (out / "start" / "metrics.jsonl").is_file():  # pretraining is under way
         assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()

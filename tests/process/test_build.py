@@ -37,18 +37,26 @@ def _join(rank: int, world: int, store: str) -> None:
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for name, p in model.named_parameters()}
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
 
 
 def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str) -> None:
     _join(rank, world, store)
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
-    model = build.build_model(shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from,
-                                 torch.device("cpu"))
+    model = build.build_model(
+        shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from, torch.device("cpu")
+    )
     state = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in _full_state(model).items()}
-    facts = {"state": state, "rope": model.rope.clone(), "tied": model.output.weight is model.tok_embeddings.weight,
-             "local_rows": model.tok_embeddings.weight.to_local().shape[0], "params": model.num_params()}
+    facts = {
+        "state": state,
+        "rope": model.rope.clone(),
+        "tied": model.output.weight is model.tok_embeddings.weight,
+        "local_rows": model.tok_embeddings.weight.to_local().shape[0],
+        "params": model.num_params(),
+    }
     tokens = torch.randint(0, shape.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(tokens)  # every rank the same rows: FSDP gathers each block's shards for the forward
@@ -60,8 +68,13 @@ def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str,
 def build_in_processes(tmp_path: Path, world: int, init_from: str = "", tied: bool = True, ac: str = "none") -> dict:
     out = tmp_path / f"world{world}-{bool(init_from)}-{tied}-{ac}.pt"
     store = tmp_path / f"store-{out.stem}"
-    mp.start_processes(_build_and_save, args=(world, str(store), str(out), init_from, tied, ac), nprocs=world,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _build_and_save,
+        args=(world, str(store), str(out), init_from, tied, ac),
+        nprocs=world,
+        start_method="spawn",
+        join=True,
+    )
     return torch.load(out)
 
 
@@ -82,8 +95,9 @@ def test_meta_build_equals_the_plain_init_at_every_world_size(tmp_path, tied):
         for name, tensor in expected.items():
             assert torch.equal(result["state"][name], tensor), name
         assert result["tied"] is tied
-        assert torch.equal(result["rope"], rope_cache(plain.config.head_dim, plain.config.max_seq_len,
-                                                      plain.config.rope_theta))
+        assert torch.equal(
+            result["rope"], rope_cache(plain.config.head_dim, plain.config.max_seq_len, plain.config.rope_theta)
+        )
         assert result["params"] == plain.num_params()
 
 
@@ -137,15 +151,28 @@ def test_fused_adamw_steps_dtensor_shards_as_foreach_does(tmp_path):
 def test_float8_converts_the_blocks_linears_or_says_what_is_missing(monkeypatch):
     model = Qwen3Model(flavor_config("debug"))
     if importlib.util.find_spec("torchao") is None:
-        with pytest.raises(UserError, match=r"^training.float8: torchao does not import .*; pip install '\.\[float8\]' "
-                                            r"\(torchao 0.18\), or set training.float8 = false$"):
+        with pytest.raises(
+            UserError,
+            match=r"^training.float8: torchao does not import .*; pip install '\.\[float8\]' "
+            r"\(torchao 0.18\), or set training.float8 = false$",
+        ):
             build.apply_float8(model.layers)
         return
     build.apply_float8(model.layers)
     converted = {name for name, module in model.named_modules() if type(module).__name__ == "Float8Linear"}
-    assert converted == {f"layers.{i}.{part}" for i in range(2) for part in (
-        "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
-        "feed_forward.w3")}
+    assert converted == {
+        f"layers.{i}.{part}"
+        for i in range(2)
+        for part in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        )
+    }
     assert type(model.output) is torch.nn.Linear  # the head stays: the loss uses its weight directly
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # and where it does not import, one line says so
     with pytest.raises(UserError, match=r"^training.float8: torchao does not import"):
@@ -161,8 +188,15 @@ def _build_32b(rank: int, world: int, store: str, out: str) -> None:
     local = sum(p.to_local().numel() for p in model.parameters())
     if rank == 0:
         peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        torch.save({"params": model.num_params(), "local": local, "peak_rss": peak_rss_bytes,
-                    "meta": all(p.to_local().is_meta for p in model.parameters())}, out)
+        torch.save(
+            {
+                "params": model.num_params(),
+                "local": local,
+                "peak_rss": peak_rss_bytes,
+                "meta": all(p.to_local().is_meta for p in model.parameters()),
+            },
+            out,
+        )
     dist.destroy_process_group()
 
 
@@ -175,5 +209,7 @@ def test_the_32b_flavor_builds_and_shards_without_memory(tmp_path):
     assert result["local"] * 2 >= result["params"] and result["meta"]
     model_bytes = result["params"] * 4  # what materialising it in float32 would take
     assert result["peak_rss"] < model_bytes / 50, f"peak RSS {result['peak_rss'] / 2**30:.1f} GiB"
-    print(f"32B: {result['params'] / 1e9:.2f}B parameters; peak RSS of rank 0 {result['peak_rss'] / 2**30:.2f} GiB",
-          file=sys.stderr)
+    print(
+        f"32B: {result['params'] / 1e9:.2f}B parameters; peak RSS of rank 0 {result['peak_rss'] / 2**30:.2f} GiB",
+        file=sys.stderr,
+    )

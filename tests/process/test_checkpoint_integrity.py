@@ -16,17 +16,34 @@ from train_process import DEBUG_CONFIG, REPO, finish, launch
 
 from recipes.checkpoint import MANIFEST, _MetadataUnpickler, complete_checkpoints
 
-RUN = ["--config", str(DEBUG_CONFIG), "--training.seq_len", "64", "--training.local_batch_size", "2",
-       "--optimizer.warmup_steps", "1", "--metrics.log_every", "1", "--metrics.wandb", "false",
-       "--checkpoint.interval", "2", "--checkpoint.keep", "5"]
+RUN = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "2",
+    "--optimizer.warmup_steps",
+    "1",
+    "--metrics.log_every",
+    "1",
+    "--metrics.wandb",
+    "false",
+    "--checkpoint.interval",
+    "2",
+    "--checkpoint.keep",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory) -> Path:
     """A run of 4 steps with checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    finish(launch(env, out.parent / "run.log", [*RUN, "--training.steps", "4", "--job.output_dir", str(out)]),
-           out.parent / "run.log")
+    finish(
+        launch(env, out.parent / "run.log", [*RUN, "--training.steps", "4", "--job.output_dir", str(out)]),
+        out.parent / "run.log",
+    )
     assert [path.name for path in complete_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]
     return out
 
@@ -40,8 +57,9 @@ def run(trained, tmp_path) -> Path:
 
 def resume(env, out: Path, steps: int, code: int, *extra: str) -> str:
     log = out.parent / "resume.log"
-    return finish(launch(env, log, [*RUN, "--training.steps", str(steps), "--job.output_dir", str(out), *extra]),
-                  log, code)
+    return finish(
+        launch(env, log, [*RUN, "--training.steps", str(steps), "--job.output_dir", str(out), *extra]), log, code
+    )
 
 
 def script(env, *args: str) -> subprocess.CompletedProcess:
@@ -71,8 +89,10 @@ def test_a_flipped_byte_in_a_shard_is_refused_by_resume_eval_matrix_and_export(e
     assert "step 4 is damaged" in last and f"previous complete checkpoint is {run}/checkpoints/step-00000002" in last
     assert (run / "metrics.jsonl").read_text() == metrics_before  # refused before anything was written
 
-    for args in (["scripts/eval_matrix.py", str(run), "--batches", "1"],
-                 ["scripts/export_hf.py", str(run), str(tmp_path / "hf")]):
+    for args in (
+        ["scripts/eval_matrix.py", str(run), "--batches", "1"],
+        ["scripts/export_hf.py", str(run), str(tmp_path / "hf")],
+    ):
         result = script(env, *args)
         assert result.returncode == 2, result.stderr
         assert f"{damaged} does not match its checksum" in result.stderr.strip().splitlines()[-1]
@@ -109,8 +129,9 @@ def test_train_state_is_checked_field_by_field(env, run, field, value):
     (folder / MANIFEST).unlink()
 
     last = resume(env, run, 6, 2).strip().splitlines()[-1]
-    assert last.startswith(f"error: checkpoint.resume: {folder} cannot be loaded (train_state.json: field "
-                           f"'{field}'"), last
+    assert last.startswith(f"error: checkpoint.resume: {folder} cannot be loaded (train_state.json: field '{field}'"), (
+        last
+    )
 
 
 def test_only_the_recipes_own_names_are_loaded_and_pruned(env, run):
@@ -124,7 +145,11 @@ def test_only_the_recipes_own_names_are_loaded_and_pruned(env, run):
     assert "resumed from" in console and "(step 4)" in console
     assert console.count("not named by this recipe") == 1
     assert sorted(path.name for path in checkpoints.iterdir()) == [
-        "step-00000004.bak", "step-00000008", "step-3", "step-999"]  # only the recipe's own were pruned
+        "step-00000004.bak",
+        "step-00000008",
+        "step-3",
+        "step-999",
+    ]  # only the recipe's own were pruned
 
 
 def test_export_is_renamed_into_place_with_shareable_modes(env, trained, tmp_path):

@@ -48,10 +48,12 @@ def test_hub_unreachable_is_a_config_error(tmp_path):
         "        print(error)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout + result.stderr
-    assert lines[0].startswith("data.tokenizer: cannot load 'Qwen/Qwen3-0.6B' (not a file/folder, and the hub is "
-                               "unreachable")
+    assert lines[0].startswith(
+        "data.tokenizer: cannot load 'Qwen/Qwen3-0.6B' (not a file/folder, and the hub is unreachable"
+    )
     assert lines[1].startswith("data.dataset: cannot reach the HF hub for 'roneneldan/TinyStories'; ")

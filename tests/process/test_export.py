@@ -20,18 +20,36 @@ from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.qwen3.model import Qwen3Model, flavor_config
 
 EXPORT = REPO / "scripts" / "export_hf.py"
-RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", "3", "--training.seq_len", "32", "--metrics.wandb", "false",
-       "--metrics.log_every", "1", "--checkpoint.interval", "2"]
+RUN = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.steps",
+    "3",
+    "--training.seq_len",
+    "32",
+    "--metrics.wandb",
+    "false",
+    "--metrics.log_every",
+    "1",
+    "--checkpoint.interval",
+    "2",
+]
 
 
 def untied_hf_folder(path):
     """An untied HF Qwen3 (transformers' own save_pretrained) with the debug shape, to fine-tune from."""
     debug = flavor_config("debug")
-    config = transformers.Qwen3Config(vocab_size=debug.vocab_size, hidden_size=debug.dim,
-                                      intermediate_size=debug.hidden_dim,
-                                      num_hidden_layers=debug.n_layers, num_attention_heads=debug.n_heads,
-                                      num_key_value_heads=debug.n_kv_heads, head_dim=debug.head_dim,
-                                      max_position_embeddings=debug.max_seq_len, tie_word_embeddings=False)
+    config = transformers.Qwen3Config(
+        vocab_size=debug.vocab_size,
+        hidden_size=debug.dim,
+        intermediate_size=debug.hidden_dim,
+        num_hidden_layers=debug.n_layers,
+        num_attention_heads=debug.n_heads,
+        num_key_value_heads=debug.n_kv_heads,
+        head_dim=debug.head_dim,
+        max_position_embeddings=debug.max_seq_len,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(config).save_pretrained(path)
     return path
@@ -41,16 +59,19 @@ def untied_hf_folder(path):
 def runs(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     extra = {"tied": [], "untied": ["--model.init_from", str(untied_hf_folder(root / "hf-untied"))]}
-    started = {name: launch(env, root / f"{name}.log", [*RUN, *args, "--job.output_dir", str(root / name)])
-               for name, args in extra.items()}
+    started = {
+        name: launch(env, root / f"{name}.log", [*RUN, *args, "--job.output_dir", str(root / name)])
+        for name, args in extra.items()
+    }
     for name, process in started.items():
         finish(process, root / f"{name}.log")
     return {name: root / name for name in started}
 
 
 def export(env, *args):
-    return subprocess.run([sys.executable, str(EXPORT), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(EXPORT), *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("name", ["tied", "untied"])
@@ -89,8 +110,12 @@ def test_bad_input_is_one_line_and_exit_2(runs, env, tmp_path, case):
     result = export(env, run, dest, "--step", step)
     assert result.returncode == USER_ERROR_EXIT_CODE and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    expected = {"dest-holds-files": "already holds files", "missing-step": "no complete checkpoint at step 1",
-                "not-a-run": "no config.toml there", "dest-under-a-file": "is a file, so"}[case]
+    expected = {
+        "dest-holds-files": "already holds files",
+        "missing-step": "no complete checkpoint at step 1",
+        "not-a-run": "no config.toml there",
+        "dest-under-a-file": "is a file, so",
+    }[case]
     assert expected in result.stderr
     if case != "dest-holds-files":
         assert not dest.exists()  # refused before anything was written

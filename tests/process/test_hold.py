@@ -48,9 +48,15 @@ TAKER = textwrap.dedent("""
 
 
 def start_taker(folder: Path, go: Path | None = None, heartbeat_s: float = 30.0) -> subprocess.Popen:
-    taker = subprocess.Popen([sys.executable, "-c", TAKER, str(folder), str(go or ""), str(heartbeat_s)], cwd=REPO,
-                             env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    taker = subprocess.Popen(
+        [sys.executable, "-c", TAKER, str(folder), str(go or ""), str(heartbeat_s)],
+        cwd=REPO,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert taker.stdout.readline() == "ready\n", taker.communicate()
     return taker
 
@@ -87,8 +93,13 @@ def warnings_of(caplog) -> list[str]:
 
 def other_host_hold(folder: Path, age_s: float) -> dict:
     """A hold by a run on another host whose last heartbeat was age_s ago."""
-    record = {"host": "node-elsewhere-17", "pid": 4242, "started": "2025-01-02T03:04:05+00:00",
-              "token": uuid.uuid4().hex, "slurm_job": "9911"}
+    record = {
+        "host": "node-elsewhere-17",
+        "pid": 4242,
+        "started": "2025-01-02T03:04:05+00:00",
+        "token": uuid.uuid4().hex,
+        "slurm_job": "9911",
+    }
     path = folder / HOLD_FILE
     path.write_text(json.dumps(record))
     then = time.time() - age_s
@@ -223,7 +234,7 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path, caplog):
     unrelated = subprocess.Popen(["sleep", "60"])
     try:
         stat = Path(f"/proc/{unrelated.pid}/stat").read_text()
-        started = int(stat[stat.rindex(")") + 2:].split()[19])  # proc(5) field 22
+        started = int(stat[stat.rindex(")") + 2 :].split()[19])  # proc(5) field 22
         (tmp_path / HOLD_FILE).write_text(json.dumps({**template, "pid": unrelated.pid, "proc_start": started}))
         with pytest.raises(UserError) as refused:  # that process, at that start time: it holds
             RunHold.take(tmp_path)
@@ -325,10 +336,22 @@ def test_for_run_takes_one_hold_on_rank_0_and_refuses_on_every_rank(tmp_path):
     try:
         script = tmp_path / "for_run.py"
         script.write_text(FOR_RUN)
-        result = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone",
-                                 "--nproc_per_node=2", str(script), str(tmp_path / "report"), str(held), str(free)],
-                                cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("torchrun")),
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+                str(tmp_path / "report"),
+                str(held),
+                str(free),
+            ],
+            cwd=REPO,
+            env={**ENV, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         stop(holder)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,9 +20,24 @@ from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EX
 from recipes.run.outputs import CONFIG_HISTORY
 
 STEPS = 12
-RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
-       "--training.local_batch_size", "2", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
-       "--metrics.wandb", "false", "--checkpoint.interval", "4"]
+RUN = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.steps",
+    str(STEPS),
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "2",
+    "--optimizer.warmup_steps",
+    "2",
+    "--metrics.log_every",
+    "1",
+    "--metrics.wandb",
+    "false",
+    "--checkpoint.interval",
+    "4",
+]
 
 
 def losses(out: Path) -> list[float]:
@@ -95,13 +110,21 @@ def test_a_changed_lr_takes_effect_from_the_resumed_step(env, tmp_path):
     first.send_signal(signal.SIGUSR1)
     finish(first, tmp_path / "first.log", PREEMPTED_EXIT_CODE)
     preempted_at = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    finish(launch(env, tmp_path / "second.log", [*RUN, "--optimizer.lr", "1e-3", "--optimizer.weight_decay", "0",
-                                                 "--job.output_dir", str(out)]), tmp_path / "second.log")
+    finish(
+        launch(
+            env,
+            tmp_path / "second.log",
+            [*RUN, "--optimizer.lr", "1e-3", "--optimizer.weight_decay", "0", "--job.output_dir", str(out)],
+        ),
+        tmp_path / "second.log",
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before, after = rows[preempted_at - 1], rows[preempted_at]
     # the debug config's lr is 2e-3: the cosine schedule's value at a step is proportional to the peak lr
-    reference = finish(launch(env, tmp_path / "ref.log", [*RUN, "--optimizer.lr", "1e-3", "--job.output_dir",
-                                                          str(tmp_path / "ref")]), tmp_path / "ref.log")
+    reference = finish(
+        launch(env, tmp_path / "ref.log", [*RUN, "--optimizer.lr", "1e-3", "--job.output_dir", str(tmp_path / "ref")]),
+        tmp_path / "ref.log",
+    )
     assert reference
     ref_rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert after["lr"] == ref_rows[preempted_at]["lr"] and before["lr"] == 2 * ref_rows[preempted_at - 1]["lr"]
@@ -111,14 +134,17 @@ def test_an_sdpa_run_continued_on_varlen_draws_the_uninterrupted_curve(env, tmp_
     """Checkpoints are portable between backends: preempted at step 5 on sdpa, continued on varlen, the curve
     equals an uninterrupted sdpa run's to fp32 noise (on CPU the backends agree to ~1e-6)."""
     reference, split = tmp_path / "reference", tmp_path / "split"
-    finish(launch(env, tmp_path / "reference.log", [*RUN, "--job.output_dir", str(reference)]),
-           tmp_path / "reference.log")
+    finish(
+        launch(env, tmp_path / "reference.log", [*RUN, "--job.output_dir", str(reference)]), tmp_path / "reference.log"
+    )
     first = launch(env, tmp_path / "first.log", [*RUN, "--job.output_dir", str(split)])
     wait_for_steps(first, split, 5)
     first.send_signal(signal.SIGUSR1)
     finish(first, tmp_path / "first.log", PREEMPTED_EXIT_CODE)
-    console = finish(launch(env, tmp_path / "varlen.log", [*RUN, "--model.attention", "varlen",
-                                                            "--job.output_dir", str(split)]), tmp_path / "varlen.log")
+    console = finish(
+        launch(env, tmp_path / "varlen.log", [*RUN, "--model.attention", "varlen", "--job.output_dir", str(split)]),
+        tmp_path / "varlen.log",
+    )
     assert "model.attention 'sdpa' -> 'varlen'" in console
     gaps = [abs(a - b) for a, b in zip(losses(reference), losses(split), strict=True)]
     assert max(gaps) <= 1e-4, gaps
@@ -128,10 +154,14 @@ def test_steps_below_the_checkpoint_are_refused_and_nothing_changes(env, tmp_pat
     out = tmp_path / "run"
     finish(launch(env, tmp_path / "run.log", [*RUN, "--job.output_dir", str(out)]), tmp_path / "run.log")
     before = snapshot(out)
-    console = finish(launch(env, tmp_path / "short.log", [*RUN, "--training.steps", "4", "--job.output_dir", str(out)]),
-                     tmp_path / "short.log", USER_ERROR_EXIT_CODE)
-    assert console.strip().splitlines()[-1].startswith(f"error: training.steps: 4 is below step {STEPS} of the "
-                                                      "checkpoint")
+    console = finish(
+        launch(env, tmp_path / "short.log", [*RUN, "--training.steps", "4", "--job.output_dir", str(out)]),
+        tmp_path / "short.log",
+        USER_ERROR_EXIT_CODE,
+    )
+    assert (
+        console.strip().splitlines()[-1].startswith(f"error: training.steps: 4 is below step {STEPS} of the checkpoint")
+    )
     assert snapshot(out) == before
 
 
@@ -155,9 +185,12 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_a_rerun_resumes(env, tmp_
         args = [*RUN, "--checkpoint.interval", "1", "--checkpoint.keep", "3", "--job.output_dir", str(out)]
         console = finish(launch(env, tmp_path / "full.log", args), tmp_path / "full.log", IO_ERROR_EXIT_CODE)
         line = console.strip().splitlines()[-1]
-        assert re.fullmatch(rf"error: checkpoint: cannot write {re.escape(str(out))}/checkpoints/\.tmp-step-\d+ "
-                            r"\(ENOSPC: No space left on device.*\); the newest complete checkpoint step-\d+ is "
-                            r"intact; free space or fix the disk, then rerun the same command to resume", line), line
+        assert re.fullmatch(
+            rf"error: checkpoint: cannot write {re.escape(str(out))}/checkpoints/\.tmp-step-\d+ "
+            r"\(ENOSPC: No space left on device.*\); the newest complete checkpoint step-\d+ is "
+            r"intact; free space or fix the disk, then rerun the same command to resume",
+            line,
+        ), line
         intact = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
         assert intact
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed

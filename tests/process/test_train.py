@@ -23,10 +23,30 @@ from recipes.run.runs import load_run, read_metrics
 
 STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
-RUN = ["--config", str(DEBUG_CONFIG), "--training.steps", str(STEPS), "--training.seq_len", "64",
-       "--training.local_batch_size", "4", "--optimizer.warmup_steps", "2", "--metrics.log_every", "1",
-       "--metrics.wandb", "false", "--checkpoint.interval", "5", "--checkpoint.keep", "5",
-       "--eval.interval", "5", "--eval.batches", "2"]
+RUN = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.steps",
+    str(STEPS),
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "4",
+    "--optimizer.warmup_steps",
+    "2",
+    "--metrics.log_every",
+    "1",
+    "--metrics.wandb",
+    "false",
+    "--checkpoint.interval",
+    "5",
+    "--checkpoint.keep",
+    "5",
+    "--eval.interval",
+    "5",
+    "--eval.batches",
+    "2",
+]
 BACKENDS = ("sdpa", "flex", "varlen")
 
 
@@ -55,9 +75,15 @@ def runs(env, tmp_path_factory) -> dict[str, Path]:
     extra["masked"] = masked
     extra["masked_2proc"] = [*masked, "--training.local_batch_size", "2"]
     extra["masked_accum"] = [*masked, "--training.grad_accum_steps", "2"]
-    started = {name: launch(env, root / f"{name}.log", [*RUN, *args, "--job.output_dir", str(root / name)],
-                            nproc=2 if name.endswith("_2proc") else 1)
-               for name, args in extra.items()}
+    started = {
+        name: launch(
+            env,
+            root / f"{name}.log",
+            [*RUN, *args, "--job.output_dir", str(root / name)],
+            nproc=2 if name.endswith("_2proc") else 1,
+        )
+        for name, args in extra.items()
+    }
     signal_after(started["preempted"], root / "preempted" / "metrics.jsonl", steps=2)
     for name, process in started.items():
         finish(process, root / f"{name}.log", PREEMPTED_EXIT_CODE if name == "preempted" else 0)
@@ -127,8 +153,9 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(runs, env, tmp_path)
     (b / "config.toml").write_text(to_toml(config))
     finish(launch(env, tmp_path / "b.log", ["--config", str(b / "config.toml")]), tmp_path / "b.log")
     expected = [{key: row[key] for key in ("step", "loss", "lr", "grad_norm")} for row in read_metrics(a)[15:]]
-    assert [row["val_loss"] for row in read_metrics(b) if "val_loss" in row] == \
-        [row["val_loss"] for row in read_metrics(a)[15:] if "val_loss" in row]  # a run that evaluates resumes too
+    assert [row["val_loss"] for row in read_metrics(b) if "val_loss" in row] == [
+        row["val_loss"] for row in read_metrics(a)[15:] if "val_loss" in row
+    ]  # a run that evaluates resumes too
     assert [{key: row[key] for key in expected[0]} for row in read_metrics(b)] == expected
 
 
@@ -154,12 +181,22 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path):
     cases = {
         "unknown_key": ([*RUN, "--training.stesp", "5"], "unknown key training.stesp; did you mean 'steps'?"),
         "wrong_type": (["--config", str(wrong_type)], "training.seq_len: expected int, got str '256'"),
-        "bad_backend": ([*RUN, "--model.attention", "flash"],
-                        "model.attention: 'flash' is not one of sdpa, flex, varlen"),
+        "bad_backend": (
+            [*RUN, "--model.attention", "flash"],
+            "model.attention: 'flash' is not one of sdpa, flex, varlen",
+        ),
     }
-    started = {name: subprocess.Popen([sys.executable, "train.py", *args, "--job.output_dir", str(tmp_path / name)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for name, (args, _) in cases.items()}  # all at once: each is mostly the cost of importing torch
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "train.py", *args, "--job.output_dir", str(tmp_path / name)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, _) in cases.items()
+    }  # all at once: each is mostly the cost of importing torch
     for name, process in started.items():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == USER_ERROR_EXIT_CODE, f"{name}: exit {process.returncode}\n{stderr[-3000:]}"
@@ -175,8 +212,10 @@ def test_a_folder_holding_a_run_is_only_resumed_by_the_same_run(runs, tmp_path):
     assert check_output_dir(runs["flex"], sdpa).model.attention == "flex"  # the backend may change on resume
     with pytest.raises(UserError) as error:
         check_output_dir(runs["flex"], load_config(str(runs["sdpa"] / "config.toml"), ["--training.seed", "1"]))
-    assert str(error.value) == (f"job.output_dir: {runs['flex']} holds a different run (training.seed: 0 "
-                                "there, 1 now); choose a new job.output_dir")
+    assert str(error.value) == (
+        f"job.output_dir: {runs['flex']} holds a different run (training.seed: 0 "
+        "there, 1 now); choose a new job.output_dir"
+    )
     with pytest.raises(UserError, match="already holds this run; set --checkpoint.resume true to continue it"):
         check_output_dir(runs["sdpa"], load_config(str(runs["sdpa"] / "config.toml"), ["--checkpoint.resume", "false"]))
     (tmp_path / "notes.txt").write_text("someone else's file")

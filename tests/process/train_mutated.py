@@ -24,8 +24,10 @@ build_correct_model = build.build_model
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in MUTATIONS:
-        print(f"usage: train_mutated.py {{{','.join(MUTATIONS)}}} --config FILE [--section.key value ...]",
-              file=sys.stderr)
+        print(
+            f"usage: train_mutated.py {{{','.join(MUTATIONS)}}} --config FILE [--section.key value ...]",
+            file=sys.stderr,
+        )
         sys.exit(2)
     inject = MUTATIONS[sys.argv[1]]
     # train.py looks the builder up at call time

@@ -19,27 +19,48 @@ def train_env(cache: Path, wandb_home: Path) -> dict:
     """The environment for train.py: the default tokenizer and the tokenized corpus built once into `cache` (so
     concurrent runs only read it), W&B offline and writing under `wandb_home`, one thread per process (runs share
     the cores, and a resumed run must reduce in the same order as an uninterrupted one to match it bit for bit), and
-    torchrun restarts on a fresh store (see docs/troubleshooting.md, "torchrun restarts fail to connect")."""
+    torchrun restarts on a fresh store (see docs/troubleshooting.md, "torchrun restarts fail to connect"), and this
+    checkout's recipes/ first on the path (scripts/*.py would otherwise import the installed one)."""
     data = load_config(str(DEBUG_CONFIG)).data
     build_dataloader(data, build_tokenizer(data, cache), 64, 2, 0, 1, 0, cache)
-    return {**{key: value for key, value in os.environ.items() if not key.startswith("WANDB_")},
-            "RECIPES_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "WANDB_CONFIG_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home), "WANDB_DATA_DIR": str(wandb_home),
-            "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return {
+        **{key: value for key, value in os.environ.items() if not key.startswith("WANDB_")},
+        "RECIPES_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(wandb_home),
+        "WANDB_CACHE_DIR": str(wandb_home),
+        "WANDB_DATA_DIR": str(wandb_home),
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
 
 
 def train_command(args: list[str], nproc: int = 1, max_restarts: int = 0) -> list[str]:
     if nproc == 1 and not max_restarts:
         return [sys.executable, "train.py", *args]
-    return [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
-            "train.py", *args]
+    return [
+        str(TORCHRUN),
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "train.py",
+        *args,
+    ]
 
 
 def launch(env: dict, log: Path, args: list[str], nproc: int = 1, max_restarts: int = 0) -> subprocess.Popen:
     """Starts train.py with its console output in `log` (a file, not a pipe, so concurrent runs never block)."""
     with open(log, "w") as output:
-        return subprocess.Popen(train_command(args, nproc, max_restarts), cwd=REPO, env=env, stdout=output,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            train_command(args, nproc, max_restarts),
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def finish(process: subprocess.Popen, log: Path, code: int = 0) -> str:

@@ -23,13 +23,16 @@ SEQ = 45  # not a multiple of any kernel block size
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_backend_matches_float64_reference(backend_name, mask, q_heads, kv_heads, head_dim,
-                                           packed_starts, backend_and_reference):
+def test_backend_matches_float64_reference(
+    backend_name, mask, q_heads, kv_heads, head_dim, packed_starts, backend_and_reference
+):
     starts = packed_starts(SEQ)
     generator = torch.Generator().manual_seed(head_dim + q_heads + kv_heads)
     batch = starts.shape[0]
-    q, k, v = (torch.randn(batch, SEQ, heads, head_dim, generator=generator).requires_grad_()
-               for heads in (q_heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(batch, SEQ, heads, head_dim, generator=generator).requires_grad_()
+        for heads in (q_heads, kv_heads, kv_heads)
+    )
     grad_out = torch.randn(batch, SEQ, q_heads, head_dim, generator=generator)
     scale = head_dim**-0.5
 
@@ -42,11 +45,14 @@ def test_backend_matches_float64_reference(backend_name, mask, q_heads, kv_heads
 
 
 def test_varlen_document_metadata_matches_hand_computed_boundaries():
-    starts = torch.tensor([
-        [1, 0, 0, 1, 0, 0, 0, 1],  # documents of 3, 4 and (cut) 1 tokens
-        [0, 1, 0, 0, 0, 0, 0, 0],  # a cut document of 1 token, then 7
-        [0, 0, 0, 0, 0, 0, 0, 0],  # no start: one (cut) document, the whole row
-    ], dtype=torch.bool)
+    starts = torch.tensor(
+        [
+            [1, 0, 0, 1, 0, 0, 0, 1],  # documents of 3, 4 and (cut) 1 tokens
+            [0, 1, 0, 0, 0, 0, 0, 0],  # a cut document of 1 token, then 7
+            [0, 0, 0, 0, 0, 0, 0, 0],  # no start: one (cut) document, the whole row
+        ],
+        dtype=torch.bool,
+    )
     meta = build_backend("varlen", "document").attention_meta(starts)
     assert meta.cu_seqlens.dtype == torch.int32
     assert meta.cu_seqlens.tolist() == [0, 3, 7, 8, 9, 16, 24]
@@ -115,8 +121,9 @@ def test_fa4_fake_implementations_give_the_kernels_shapes():
 @pytest.fixture
 def fresh_kernel_choice(monkeypatch):
     """The varlen kernel is chosen once per process for each (kernel, device): give this test a choice of its own."""
-    monkeypatch.setattr(attention, "_resolve_varlen_kernel",
-                        functools.cache(attention._resolve_varlen_kernel.__wrapped__))
+    monkeypatch.setattr(
+        attention, "_resolve_varlen_kernel", functools.cache(attention._resolve_varlen_kernel.__wrapped__)
+    )
 
 
 def test_varlen_kernel_choice_where_fa4_cannot_run(fresh_kernel_choice, caplog):
@@ -142,8 +149,11 @@ def test_varlen_fa4_path_traces_with_fullgraph(fresh_kernel_choice, monkeypatch)
         return make_boxed_func(graph.forward)
 
     backend = build_backend("varlen", "document", "fa4")
-    compiled = torch.compile(lambda q, k, v, meta: backend(q, k, v, meta, 0.125), fullgraph=True,
-                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(
+        lambda q, k, v, meta: backend(q, k, v, meta, 0.125),
+        fullgraph=True,
+        backend=aot_autograd(fw_compiler=record, bw_compiler=record),
+    )
     for cuts in ([5], [3, 9, 20]):
         starts = torch.zeros(2, 32, dtype=torch.bool)
         starts[:, cuts] = True
@@ -167,8 +177,9 @@ def test_every_backend_reads_document_starts_not_token_ids(packed_starts, backen
         outs = []
         for starts in (one, other):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out, expected, _ = backend_and_reference(backend_name, "document", starts, *leaves, torch.ones_like(q),
-                                                     32**-0.5)
+            out, expected, _ = backend_and_reference(
+                backend_name, "document", starts, *leaves, torch.ones_like(q), 32**-0.5
+            )
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
             outs.append(out.detach())
         assert not torch.allclose(outs[0][0, 20:], outs[1][0, 20:]), backend_name

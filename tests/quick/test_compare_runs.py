@@ -33,8 +33,9 @@ def noise(step: int, seed: int) -> float:
     return math.sin(step * 12.9898 + seed * 78.233)
 
 
-def write_run(run_dir: Path, attention: str | None, steps=STEPS, offset=lambda step: 0.0, val_every: int = 0,
-              config: str = "") -> Path:
+def write_run(
+    run_dir: Path, attention: str | None, steps=STEPS, offset=lambda step: 0.0, val_every: int = 0, config: str = ""
+) -> Path:
     """A run dir with metrics.jsonl (loss = reference_loss + offset(step); val_loss every val_every steps) and, if
     attention, a config.toml as train.py writes it (attention and `config`'s extra lines)."""
     run_dir.mkdir(parents=True)
@@ -42,7 +43,8 @@ def write_run(run_dir: Path, attention: str | None, steps=STEPS, offset=lambda s
         (run_dir / "config.toml").write_text(
             f'[model]\nflavor = "small"\nattention = "{attention}"\nkernel = "auto"\n'
             f'[training]\nseq_len = 2048\nseed = 1234\ndtype = "bfloat16"\n{config}'
-            f'[job]\noutput_dir = "{run_dir}"\n')
+            f'[job]\noutput_dir = "{run_dir}"\n'
+        )
     rows = []
     for step in steps:
         row = {"step": step, "loss": reference_loss(step) + offset(step), "lr": 3e-4, "grad_norm": 1.0}
@@ -62,13 +64,17 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def proof(tmp_path: Path, varlen_offset=lambda step: 0.0, repeat=True) -> list[Path]:
     """sdpa, flex, varlen and (with repeat) a second sdpa: every pair differs by bf16-sized noise, up to 1e-3."""
-    runs = [write_run(tmp_path / "qwen3_sdpa", "sdpa", val_every=20),
-            write_run(tmp_path / "qwen3_flex", "flex", offset=lambda s: 6e-4 * noise(s, 1), val_every=20),
-            write_run(tmp_path / "qwen3_varlen", "varlen", offset=lambda s: 6e-4 * noise(s, 2) + varlen_offset(s),
-                      val_every=20)]
+    runs = [
+        write_run(tmp_path / "qwen3_sdpa", "sdpa", val_every=20),
+        write_run(tmp_path / "qwen3_flex", "flex", offset=lambda s: 6e-4 * noise(s, 1), val_every=20),
+        write_run(
+            tmp_path / "qwen3_varlen", "varlen", offset=lambda s: 6e-4 * noise(s, 2) + varlen_offset(s), val_every=20
+        ),
+    ]
     if repeat:
-        runs.append(write_run(tmp_path / "qwen3_sdpa_repeat", "sdpa", offset=lambda s: 1e-3 * noise(s, 3),
-                              val_every=20))
+        runs.append(
+            write_run(tmp_path / "qwen3_sdpa_repeat", "sdpa", offset=lambda s: 1e-3 * noise(s, 3), val_every=20)
+        )
     return runs
 
 
@@ -98,8 +104,11 @@ def test_a_bias_in_the_first_steps_disagrees_naming_pair_statistic_and_floor(tmp
     assert code == 1
     assert result["verdict"] == "DISAGREE"
     failed = {(pair["a"], pair["b"]): pair["failed"] for pair in result["pairs"] if pair["failed"]}
-    assert sorted(failed) == [("flex", "varlen"), ("sdpa (qwen3_sdpa)", "varlen"),
-                              ("varlen", "sdpa (qwen3_sdpa_repeat)")]
+    assert sorted(failed) == [
+        ("flex", "varlen"),
+        ("sdpa (qwen3_sdpa)", "varlen"),
+        ("varlen", "sdpa (qwen3_sdpa_repeat)"),
+    ]
     assert all("early" in stats for stats in failed.values())
     line = next(line for line in out.splitlines() if line.startswith("DISAGREE: sdpa (qwen3_sdpa) vs varlen"))
     assert re.search(r"early max\|Δloss\| 5\.\d\de-02 at step 1[01]\d > ", line)
@@ -110,14 +119,20 @@ def test_one_chaotic_late_step_does_not_decide_but_a_steady_late_bias_does(tmp_p
     """After the early steps, runs drift apart: the repeat's 50-step means differ by up to 0.03. One step off by
     0.5 moves its window's mean by 0.01 and passes; a bias of 0.15 from step 131 on fails the late test."""
     runs = proof(tmp_path)
-    runs[3] = write_run(tmp_path / "qwen3_sdpa_repeat_drift", "sdpa", val_every=20,
-                        offset=lambda s: 1e-3 * noise(s, 3) + (0.03 if s > 120 else 0.0))
-    runs[2] = write_run(tmp_path / "qwen3_varlen_spike", "varlen", val_every=20,
-                        offset=lambda s: 0.5 if s == 141 else 0.0)
+    runs[3] = write_run(
+        tmp_path / "qwen3_sdpa_repeat_drift",
+        "sdpa",
+        val_every=20,
+        offset=lambda s: 1e-3 * noise(s, 3) + (0.03 if s > 120 else 0.0),
+    )
+    runs[2] = write_run(
+        tmp_path / "qwen3_varlen_spike", "varlen", val_every=20, offset=lambda s: 0.5 if s == 141 else 0.0
+    )
     code, result = compare(runs, tmp_path)
     assert code == 0, result["reasons"]
-    runs[2] = write_run(tmp_path / "qwen3_varlen_bias", "varlen", val_every=20,
-                        offset=lambda s: 0.15 if s > 130 else 0.0)
+    runs[2] = write_run(
+        tmp_path / "qwen3_varlen_bias", "varlen", val_every=20, offset=lambda s: 0.15 if s > 130 else 0.0
+    )
     code, result = compare(runs, tmp_path)
     assert code == 1
     assert {stat for pair in result["pairs"] for stat in pair["failed"]} == {"late", "val"}
@@ -135,8 +150,7 @@ def test_without_a_repeat_the_verdict_is_uncalibrated_and_names_its_constant(tmp
 
 def test_a_repeat_must_share_every_setting_but_naming_and_logging(tmp_path):
     """Two sdpa runs with another batch are no repeat (nor is the scaling comparison 2 vs 8 GPUs)."""
-    runs = [write_run(tmp_path / "a", "sdpa"),
-            write_run(tmp_path / "b", "sdpa", config="local_batch_size = 2\n")]
+    runs = [write_run(tmp_path / "a", "sdpa"), write_run(tmp_path / "b", "sdpa", config="local_batch_size = 2\n")]
     _, result = compare(runs, tmp_path)
     assert result["calibrated"] is False
     runs.append(write_run(tmp_path / "c", "sdpa", config='[metrics]\nwandb_group = "other"\n'))
@@ -145,8 +159,11 @@ def test_a_repeat_must_share_every_setting_but_naming_and_logging(tmp_path):
 
 
 def test_bit_identical_repeats_leave_the_dtype_resolution(tmp_path):
-    runs = [write_run(tmp_path / "a", "sdpa"), write_run(tmp_path / "b", "sdpa"),
-            write_run(tmp_path / "c", "flex", offset=lambda s: 1e-3)]
+    runs = [
+        write_run(tmp_path / "a", "sdpa"),
+        write_run(tmp_path / "b", "sdpa"),
+        write_run(tmp_path / "c", "flex", offset=lambda s: 1e-3),
+    ]
     code, result = compare(runs, tmp_path)
     assert code == 0 and result["floor"]["early"] == 0.0
     assert result["tolerance"]["early"] == compare_script["RESOLUTION"]["bfloat16"]
@@ -175,8 +192,13 @@ def test_val_loss_points_are_counted_and_compared(tmp_path, capsys):
 def test_nothing_is_written_into_the_runs_unless_asked(tmp_path, capsys):
     runs = proof(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], cwd=tmp_path, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, runs)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])},
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(tmp_path.rglob("*")) == before
     assert compare_main([*map(str, runs), "--png", str(tmp_path / "qwen3_sdpa" / "compare.png")]) == 0
@@ -211,12 +233,15 @@ def test_the_plot_keeps_one_colour_per_run_and_the_band_behind(tmp_path):
     runs = [load_run(str(path)) for path in proof(tmp_path)]
     compare_script["unique_labels"](runs)
     args = compare_script["parse_args"]([str(tmp_path / "x"), str(tmp_path / "y")])
-    pairs = [compare_script["compare_pair"](a, b, args) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    pairs = [compare_script["compare_pair"](a, b, args) for i, a in enumerate(runs) for b in runs[i + 1 :]]
     tolerances = compare_script["calibrate"](runs, pairs, args.margin)
     figure = compare_script["plot"](runs, pairs, tolerances, True, tmp_path / "plot.png", args)
     curves, differences = figure.axes
-    top = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in curves.get_lines()
-           if not line.get_label().startswith("_")}
+    top = {
+        line.get_label(): (line.get_color(), line.get_linestyle())
+        for line in curves.get_lines()
+        if not line.get_label().startswith("_")
+    }
     assert len({style for _, style in top.values()}) == len(runs)  # overlapping curves stay visible
     for line in differences.get_lines():
         if " vs " in line.get_label():
@@ -233,12 +258,15 @@ def test_label_falls_back_to_the_folder_name(tmp_path):
     assert load_run(str(write_run(tmp_path / "my_run", attention=None))).label == "my_run"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such file or directory"),
-    ("no_metrics", "neither metrics.jsonl nor a run-*.wandb file"),
-    ("no_overlap", "share no logged loss step"),
-    ("no_loss", "no 'loss' logged"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file or directory"),
+        ("no_metrics", "neither metrics.jsonl nor a run-*.wandb file"),
+        ("no_overlap", "share no logged loss step"),
+        ("no_loss", "no 'loss' logged"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
     good = write_run(tmp_path / "good", "sdpa")
     other = {
@@ -256,8 +284,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("argv", [["only_one"], ["a", "b", "--margin", "-1"], ["a", "b", "--window", "0"],
-                                  ["a", "b", "--labels", "x,y,z"]])
+@pytest.mark.parametrize(
+    "argv", [["only_one"], ["a", "b", "--margin", "-1"], ["a", "b", "--window", "0"], ["a", "b", "--labels", "x,y,z"]]
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare_main(argv)
@@ -267,7 +296,8 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 def test_read_metrics_keeps_whole_lines_and_the_latest_row_per_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
-        '{"step": 2, "loss": 5.0}\n{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+        '{"step": 2, "loss": 5.0}\n{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo'
+    )
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 4.0}]
 
 
@@ -275,7 +305,6 @@ def test_read_metrics_names_the_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\nnot json\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(tmp_path)
-
 
 
 FALSE_ALARMS = Path(__file__).resolve().parents[2] / "docs" / "results" / "cpu" / "proof_false_alarms.json"

@@ -9,16 +9,22 @@ from recipes.config import load_config
 from recipes.errors import UserError
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--data.dataset", ""], "data.dataset: must not be empty"),
-    (["--data.tokenizer", ""], "data.tokenizer: must not be empty"),
-    (["--data.dataset", "hf:"], "data.dataset: 'hf:' names no dataset"),
-    (["--data.dataset", "~no-such-user-here/corpus.jsonl"], "data.dataset: '~no-such-user-here/corpus.jsonl' names a "
-                                                           "home folder (~no-such-user-here) that does not exist"),
-    (["--model.init_from", "~no-such-user-here/Qwen3"], "model.init_from: '~no-such-user-here/Qwen3' names a home"),
-    (["--job.output_dir", "outputs/" + "x" * 300], "job.output_dir: the path component 'xxxx"),
-    (["--data.tokenizer", "/tmp/" + "é" * 130 + "/tokenizer.json"], "is 260 bytes, over the 255"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--data.dataset", ""], "data.dataset: must not be empty"),
+        (["--data.tokenizer", ""], "data.tokenizer: must not be empty"),
+        (["--data.dataset", "hf:"], "data.dataset: 'hf:' names no dataset"),
+        (
+            ["--data.dataset", "~no-such-user-here/corpus.jsonl"],
+            "data.dataset: '~no-such-user-here/corpus.jsonl' names a "
+            "home folder (~no-such-user-here) that does not exist",
+        ),
+        (["--model.init_from", "~no-such-user-here/Qwen3"], "model.init_from: '~no-such-user-here/Qwen3' names a home"),
+        (["--job.output_dir", "outputs/" + "x" * 300], "job.output_dir: the path component 'xxxx"),
+        (["--data.tokenizer", "/tmp/" + "é" * 130 + "/tokenizer.json"], "is 260 bytes, over the 255"),
+    ],
+)
 def test_bad_paths_are_one_line_naming_the_field(overrides, message):
     with pytest.raises(UserError) as error:
         load_config(None, overrides)

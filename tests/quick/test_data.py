@@ -31,8 +31,9 @@ def tokenizer_file(tmp_path_factory):
     stdlib corpus, a fraction of the whole corpus's training time; train.py's default, trained on all of it, is
     the process tier's (tests/process/test_default_data.py)."""
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    path.write_text(train_default_tokenizer([text[:5000] for text in itertools.islice(stdlib_documents(), 300)],
-                                            2048).to_str())
+    path.write_text(
+        train_default_tokenizer([text[:5000] for text in itertools.islice(stdlib_documents(), 300)], 2048).to_str()
+    )
     return path
 
 
@@ -44,7 +45,7 @@ def tokenizer(tokenizer_file):
 @pytest.fixture(scope="session")
 def documents():
     """40 real documents of very different lengths (cut from the standard library), so rows straddle them."""
-    return [text[:40 + 19 * i] for i, text in enumerate(itertools.islice(stdlib_documents(), 40))]
+    return [text[: 40 + 19 * i] for i, text in enumerate(itertools.islice(stdlib_documents(), 40))]
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +56,9 @@ def jsonl(tmp_path_factory, documents):
 
 
 def loader(path, tokenizer, cache_dir, *, seq_len=32, local=4, rank=0, world=1, seed=0, **data) -> PackedLoader:
-    return build_dataloader(DataConfig(dataset=str(path), **data), tokenizer, seq_len, local, rank, world, seed,
-                            cache_dir)
+    return build_dataloader(
+        DataConfig(dataset=str(path), **data), tokenizer, seq_len, local, rank, world, seed, cache_dir
+    )
 
 
 def flat(batch) -> torch.Tensor:
@@ -72,8 +74,9 @@ def test_default_tokenizer_is_deterministic_and_cached(tokenizer, tmp_path):
     assert tokenizer.vocab_size == 2048 and tokenizer.eos_id == tokenizer.engine.token_to_id(DEFAULT_EOS)
     [ids] = tokenizer.encode_batch(["def f(x):\n    return x + 1\n"])
     assert tokenizer.engine.decode(ids) == "def f(x):\n    return x + 1\n" and tokenizer.eos_id not in ids
-    assert tokenizer.encode_batch(["import os", "x = 1"]) == [tokenizer.encode_batch([text])[0]
-                                                             for text in ("import os", "x = 1")]
+    assert tokenizer.encode_batch(["import os", "x = 1"]) == [
+        tokenizer.encode_batch([text])[0] for text in ("import os", "x = 1")
+    ]
 
     # Training is deterministic (shown on part of the default corpus, to keep the suite fast on 2 cores).
     part = [text[:5000] for text in itertools.islice(stdlib_documents(), 60)]
@@ -113,7 +116,7 @@ def whole_row(batch) -> torch.Tensor:
 def one_epoch_of_documents(stream, eos_id) -> list[list[int]]:
     """The stream's first epoch, cut at each EOS (which must end it)."""
     rows = [whole_row(next(stream)) for _ in range(stream.num_tokens // 16 + 1)]
-    epoch = torch.cat(rows)[:stream.num_tokens].tolist()
+    epoch = torch.cat(rows)[: stream.num_tokens].tolist()
     assert epoch[-1] == eos_id
     pieces, current = [], []
     for token in epoch:
@@ -185,9 +188,11 @@ def test_local_formats_give_the_same_stream(documents, jsonl, tokenizer, cache_d
 
 def test_streamed_dataset_is_deterministic_world_size_free_and_resumable(jsonl, tokenizer, cache_dir):
     """hf:NAME through the real `datasets` streaming path; NAME is a local dataset folder, so it runs offline."""
+
     def stream(local=4, rank=0, world=1, seed=0):
-        return loader(f"hf:{jsonl.parent}", tokenizer, cache_dir, seq_len=30, local=local, rank=rank, world=world,
-                      seed=seed)
+        return loader(
+            f"hf:{jsonl.parent}", tokenizer, cache_dir, seq_len=30, local=local, rank=rank, world=world, seed=seed
+        )
 
     one, ranks = stream(), [stream(2, r, 2) for r in range(2)]
     assert one.num_documents is None
@@ -233,12 +238,16 @@ def test_user_errors_name_the_field(jsonl, tokenizer, tokenizer_file, cache_dir,
     cases = [
         (lambda: loader(tmp_path / "missing.jsonl", tokenizer, cache_dir), "data.dataset: "),
         (lambda: loader(jsonl, tokenizer, cache_dir, text_field="content"), "data.text_field: "),
-        (lambda: build_tokenizer(DataConfig(tokenizer=str(tokenizer_file), eos_token="<|nope|>"), cache_dir),
-         "data.eos_token: "),
+        (
+            lambda: build_tokenizer(DataConfig(tokenizer=str(tokenizer_file), eos_token="<|nope|>"), cache_dir),
+            "data.eos_token: ",
+        ),
         (lambda: build_tokenizer(DataConfig(tokenizer="./no/such/tokenizer"), cache_dir), "data.tokenizer: "),
         (lambda: build_tokenizer(DataConfig(vocab_size=100), cache_dir), "data.vocab_size: "),
-        (lambda: check_fits(replace(debug, vocab_size=1024), 64, tokenizer),
-         "data.tokenizer: vocabulary 2048 exceeds model vocab 1024"),
+        (
+            lambda: check_fits(replace(debug, vocab_size=1024), 64, tokenizer),
+            "data.tokenizer: vocabulary 2048 exceeds model vocab 1024",
+        ),
         (lambda: check_fits(debug, 2049, tokenizer), "training.seq_len: 2049 exceeds the model's max_seq_len 2048"),
     ]
     empty = tmp_path / "empty"
@@ -264,14 +273,18 @@ def documents_by_starts(batch) -> list[list[int]]:
 def test_document_starts_come_from_the_packing_not_from_eos_ids(tokenizer, cache_dir, tmp_path):
     """A document whose text holds the EOS token (so its ids hold the eos id) stays one document; chat data that
     ends turns with the eos id is packed the same way."""
-    texts = ["first document, plain", f"a document quoting {DEFAULT_EOS} inside and going on",
-             f"turn one{DEFAULT_EOS}turn two{DEFAULT_EOS}turn three", "last one"] * 6
+    texts = [
+        "first document, plain",
+        f"a document quoting {DEFAULT_EOS} inside and going on",
+        f"turn one{DEFAULT_EOS}turn two{DEFAULT_EOS}turn three",
+        "last one",
+    ] * 6
     texts = [f"{i}: {text}" for i, text in enumerate(texts) if not is_heldout(f"{i}: {text}")]
     path = tmp_path / "eos-inside.jsonl"
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     stream = loader(path, tokenizer, cache_dir, seq_len=1023, local=1)
     assert stream.num_tokens < 1023  # one row holds the whole first epoch
-    pieces = documents_by_starts(next(stream))[:len(texts)]
+    pieces = documents_by_starts(next(stream))[: len(texts)]
     expected = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
     assert any(tokenizer.eos_id in ids[:-1] for ids in expected)  # the eos id really is inside some documents
     assert sorted(pieces) == sorted(expected), "a document was cut at an eos id inside it"
@@ -287,19 +300,25 @@ def test_boundary_loss_masking_ignores_the_label_of_the_next_documents_first_tok
     assert ignored.any() and (plain.inputs[ignored[:, :-1].nonzero(as_tuple=True)] == tokenizer.eos_id).all()
     assert plain.global_labels == plain.labels.numel()  # world size 1: every row of the step is here
     assert masked.global_labels == counted_labels(masked.labels) == plain.global_labels - int(ignored.sum())
-    halves = [next(loader(jsonl, tokenizer, cache_dir, seq_len=64, local=2, rank=r, world=2, mask_boundary_loss=True))
-              for r in range(2)]
+    halves = [
+        next(loader(jsonl, tokenizer, cache_dir, seq_len=64, local=2, rank=r, world=2, mask_boundary_loss=True))
+        for r in range(2)
+    ]
     assert [h.global_labels for h in halves] == [masked.global_labels] * 2  # each rank knows the whole step's count
     assert torch.equal(masked.labels[~ignored], plain.labels[~ignored])
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"text": "fine"}\n{"text": 7}\n', ":2: 'text' must be a string, got int"),
-    (b'{"text": "fine"}\n\n["a", "list"]\n', ":3: a record must be a JSON object, got list"),
-    (b'{"text": "fine"}\n{"text": "broken\n', ":2: not a JSON line"),
-    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', ":2: not UTF-8 (byte 30)"),
-    (b'[{"text": "fine"}, {"text": null}, {"text": ["x"]}]', " record 2: 'text' must be a string, got list"),
-], ids=["not-a-string", "not-an-object", "torn-line", "latin-1", "array"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "fine"}\n{"text": 7}\n', ":2: 'text' must be a string, got int"),
+        (b'{"text": "fine"}\n\n["a", "list"]\n', ":3: a record must be a JSON object, got list"),
+        (b'{"text": "fine"}\n{"text": "broken\n', ":2: not a JSON line"),
+        (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', ":2: not UTF-8 (byte 30)"),
+        (b'[{"text": "fine"}, {"text": null}, {"text": ["x"]}]', " record 2: 'text' must be a string, got list"),
+    ],
+    ids=["not-a-string", "not-an-object", "torn-line", "latin-1", "array"],
+)
 def test_malformed_records_name_the_file_and_line(tokenizer, cache_dir, tmp_path, content, message):
     path = tmp_path / ("corpus.json" if content.startswith(b"[") else "corpus.jsonl")
     path.write_bytes(content)

@@ -15,8 +15,17 @@ from recipes.qwen3.hf import hf_config_to_qwen3, load_hf_weights, read_hf_config
 from recipes.qwen3.model import Qwen3Config, Qwen3Model
 
 EOS = 5
-SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6)
+SHAPE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 ROPE_THETA = 5000.0  # not any default, so a rope_theta read wrongly shows in the logits
 
 
@@ -93,25 +102,48 @@ def test_sharded_checkpoint_loads(tmp_path, randomize_norms):
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     shards = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()
     assert len(set(shards)) > 2
-    torch.testing.assert_close(_logits(load_hf_checkpoint(tmp_path, attention="varlen")), _logits(hf),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(load_hf_checkpoint(tmp_path, attention="varlen")), _logits(hf), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_transformers4_config_spelling():
     """transformers 4 wrote rope_theta at the top level and torch_dtype; 5 writes rope_parameters and dtype."""
-    config = dict(SHAPE, model_type="qwen3", rope_theta=ROPE_THETA, rope_scaling=None, tie_word_embeddings=True,
-                  eos_token_id=[EOS, EOS + 1])
+    config = dict(
+        SHAPE,
+        model_type="qwen3",
+        rope_theta=ROPE_THETA,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+        eos_token_id=[EOS, EOS + 1],
+    )
     assert hf_config_to_qwen3(config, mask="document") == Qwen3Config(
-        vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, norm_eps=1e-6,
-        rope_theta=ROPE_THETA, max_seq_len=64, tie_embeddings=True, eos_id=EOS, mask="document")
+        vocab_size=320,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=96,
+        norm_eps=1e-6,
+        rope_theta=ROPE_THETA,
+        max_seq_len=64,
+        tie_embeddings=True,
+        eos_id=EOS,
+        mask="document",
+    )
 
 
-@pytest.mark.parametrize("edit,named", [
-    ({"model_type": "qwen3_moe"}, "model_type"),
-    ({"hidden_size": None}, "hidden_size is missing"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope_type"),
-    ({"attention_bias": True}, "attention_bias"),
-], ids=["moe", "missing", "rope-scaling", "bias"])
+@pytest.mark.parametrize(
+    "edit,named",
+    [
+        ({"model_type": "qwen3_moe"}, "model_type"),
+        ({"hidden_size": None}, "hidden_size is missing"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope_type"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+    ids=["moe", "missing", "rope-scaling", "bias"],
+)
 def test_unsupported_config_is_a_config_error(edit, named):
     config = {key: value for key, value in dict(_hf_config(False).to_dict(), **edit).items() if value is not None}
     with pytest.raises(UserError, match=named):
@@ -130,11 +162,15 @@ def _corrupt_shape(tensors, config):
     config["intermediate_size"] = 128
 
 
-@pytest.mark.parametrize("corrupt,named", [
-    (_corrupt_drop, "model.layers.1.self_attn.k_norm.weight is missing"),
-    (_corrupt_extra, "unexpected tensor model.layers.2.mlp.gate_proj.weight"),
-    (_corrupt_shape, r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), config.json implies \(128, 64\)"),
-], ids=["missing", "unexpected", "shape"])
+@pytest.mark.parametrize(
+    "corrupt,named",
+    [
+        (_corrupt_drop, "model.layers.1.self_attn.k_norm.weight is missing"),
+        (_corrupt_extra, "unexpected tensor model.layers.2.mlp.gate_proj.weight"),
+        (_corrupt_shape, r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), config.json implies \(128, 64\)"),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
 def test_bad_checkpoint_names_the_tensor(corrupt, named, hf_folders, tmp_path):
     folder, _ = hf_folders[False]
     tensors = load_file(folder / "model.safetensors")

@@ -57,7 +57,8 @@ def test_sum_not_mean_and_all_ignored_is_zero():
     hidden, weight, labels = _inputs(40, dim=8, vocab=50)
     per_token = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, reduction="none")
     assert linear_cross_entropy(hidden, weight, labels, chunk_tokens=CHUNK).item() == pytest.approx(
-        per_token.sum().item(), rel=1e-5)
+        per_token.sum().item(), rel=1e-5
+    )
     ignored = torch.full_like(labels, -100)
     loss = linear_cross_entropy(hidden, weight, ignored, chunk_tokens=CHUNK)
     loss.backward()

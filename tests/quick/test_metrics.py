@@ -27,3 +27,34 @@ def test_torn_lines_anywhere_are_dropped_on_resume_with_a_backup_and_one_warning
     [backup] = tmp_path.glob("metrics.jsonl.torn-*")
     assert backup.read_text() == original
     assert caplog.text.count("torn line") == 1 and "2 torn line(s)" in caplog.text
+
+
+def _row(step: int, **extra) -> dict:
+    return {
+        "step": step,
+        "loss": 2.5,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_sec_per_gpu": 1000.0,
+        "mfu": None,
+        "tokens": step * 4096,
+        "peak_memory_gib": 1.5,
+        **extra,
+    }
+
+
+def test_the_console_line_says_where_the_run_is_and_names_cpu_units_honestly():
+    from recipes.metrics import console_line
+
+    cpu = console_line(_row(25), total_steps=100, seconds_per_step=2.0, on_cpu=True)
+    assert cpu.startswith("step  25/100 (25%) | loss 2.5000")
+    assert "| 1,000 tok/s/process | tokens 102K | rss 1.50 GiB | eta 2m30s" in cpu
+    gpu = console_line(_row(100, val_loss=2.25), total_steps=100, seconds_per_step=2.0, on_cpu=False)
+    assert "tok/s/gpu" in gpu and "| mem 1.50 GiB | val_loss 2.2500" in gpu and "eta" not in gpu  # the last step
+
+
+def test_human_units():
+    from recipes.metrics import human_count, human_duration
+
+    assert [human_count(n) for n in (512, 81_920, 1_234_567, 4.5e9)] == ["512", "81.9K", "1.23M", "4.5B"]
+    assert [human_duration(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]

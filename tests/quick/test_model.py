@@ -80,8 +80,18 @@ def test_mutation_refuses_other_backends():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_state_dicts_interchange_with_torchtitan(tied, randomize_norms):
     titan = pytest.importorskip("torchtitan.models.qwen3")  # absent, or needs triton, on newer torch
-    shape = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=160,
-                 max_seq_len=64, rope_theta=10000.0, norm_eps=1e-6)
+    shape = dict(
+        vocab_size=300,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        hidden_dim=160,
+        max_seq_len=64,
+        rope_theta=10000.0,
+        norm_eps=1e-6,
+    )
     theirs = titan.Qwen3Model(titan.Qwen3ModelArgs(**shape, attn_type="sdpa", enable_weight_tying=tied))
     ours = Qwen3Model(Qwen3Config(**shape, tie_embeddings=tied, attention="sdpa", mask="causal"))
     tokens = torch.randint(0, shape["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
@@ -128,8 +138,10 @@ def test_rope_positions_per_row_equal_positions_per_document(packed_starts):
     config = flavor_config("debug")
     starts = packed_starts(SEQ)
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, SEQ, heads, config.head_dim, generator=generator)
-               for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
+    q, k, v = (
+        torch.randn(3, SEQ, heads, config.head_dim, generator=generator)
+        for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads)
+    )
     cache = rope_cache(config.head_dim, SEQ, config.rope_theta)
     row_starts = starts.clone()
     row_starts[:, 0] = True
@@ -138,7 +150,7 @@ def test_rope_positions_per_row_equal_positions_per_document(packed_starts):
     assert per_document[0, -1] < SEQ - 1 and (per_document[0, 5:12] == torch.arange(7)).all()
 
     def rotated(x, positions):  # RoPE at arbitrary positions, row by row
-        return torch.cat([_rope_at(x[b:b + 1], cache, positions[b]) for b in range(3)])
+        return torch.cat([_rope_at(x[b : b + 1], cache, positions[b]) for b in range(3)])
 
     backend = build_backend("sdpa", "document")
     meta = backend.attention_meta(starts)
@@ -146,13 +158,16 @@ def test_rope_positions_per_row_equal_positions_per_document(packed_starts):
     by_document = backend(rotated(q, per_document), rotated(k, per_document), v, meta, config.head_dim**-0.5)
     torch.testing.assert_close(by_document, by_row, rtol=1e-5, atol=1e-5)
     causal = build_backend("sdpa", "causal")  # without the document mask the two differ: the test can fail
-    assert not torch.allclose(causal(rotated(q, per_document), rotated(k, per_document), v, None, 0.125),
-                              causal(apply_rope(q, cache), apply_rope(k, cache), v, None, 0.125), atol=1e-3)
+    assert not torch.allclose(
+        causal(rotated(q, per_document), rotated(k, per_document), v, None, 0.125),
+        causal(apply_rope(q, cache), apply_rope(k, cache), v, None, 0.125),
+        atol=1e-3,
+    )
 
 
 def _rope_at(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """apply_rope for one row (1, seq, heads, head_dim) whose tokens sit at `positions`."""
-    return torch.cat([apply_rope(x[:, i:i + 1], cache[p:p + 1]) for i, p in enumerate(positions.tolist())], dim=1)
+    return torch.cat([apply_rope(x[:, i : i + 1], cache[p : p + 1]) for i, p in enumerate(positions.tolist())], dim=1)
 
 
 def test_activation_checkpointing_modes_give_the_same_loss_and_gradients(packed_starts):
@@ -172,10 +187,13 @@ def test_activation_checkpointing_modes_give_the_same_loss_and_gradients(packed_
         loss.backward()
         names = [name for name, _ in model.named_parameters()]
         # equal results prove nothing unless the blocks really are wrapped (and recompute in backward)
-        assert sum("._checkpoint_wrapped_module" in name for name in names) == (0 if mode == "none" else len(
-            [name for name in names if name.startswith("layers.")])), mode
-        results[mode] = loss.detach(), {name.replace("._checkpoint_wrapped_module", ""): p.grad
-                                         for name, p in model.named_parameters()}
+        assert sum("._checkpoint_wrapped_module" in name for name in names) == (
+            0 if mode == "none" else len([name for name in names if name.startswith("layers.")])
+        ), mode
+        results[mode] = (
+            loss.detach(),
+            {name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()},
+        )
     loss, grads = results["none"]
     for mode in ("full", "selective"):
         other_loss, other_grads = results[mode]

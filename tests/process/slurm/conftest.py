@@ -28,8 +28,17 @@ NODES = ("node1", "node2")
 CPUS_PER_NODE = max(2, os.cpu_count() or 2)
 # A requeued job may start again only after cred_expire + 1 seconds (default 120); 10 keeps the test short.
 CRED_EXPIRE_S = 10
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _free_port() -> int:
@@ -102,8 +111,7 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.root / "log" / f"{name}.out", "w")
-        process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         time.sleep(0.2)
         if process.poll() is not None:
@@ -115,17 +123,28 @@ class SlurmCluster:
         subprocess.run(["mungekey", "-c", "-k", str(key)], check=True)
         key.chmod(0o600)
         (self.root / "munge").chmod(0o700)
-        self._spawn("munged", ["munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                               f"--pid-file={self.root / 'munge' / 'munged.pid'}",
-                               f"--log-file={self.root / 'log' / 'munged.log'}",
-                               f"--seed-file={self.root / 'munge' / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                f"--log-file={self.root / 'log' / 'munged.log'}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+            ],
+        )
         _wait(self.munge_socket.exists, 20, "munged's socket")
 
     def _write_conf(self) -> None:
         root = self.root
         nodes = "\n".join(
             f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} "
-            f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN" for node in NODES)
+            f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
+            for node in NODES
+        )
         self.conf.write_text(f"""\
 ClusterName=recipes-test
 SlurmctldHost={self.host}(127.0.0.1)
@@ -162,8 +181,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     # ----- queries -------------------------------------------------------------------------------------
-    def command(self, *argv: str, check: bool = True, cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def command(
+        self, *argv: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         """Runs a client command against this cluster; `env` adds variables (jobs get them via --export=ALL)."""
         result = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True)
         if check and result.returncode != 0:
@@ -180,9 +200,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def wait_for_state(self, job_id: str, states: set[str], timeout: float = 300) -> dict[str, str]:
         """Waits until the job (or every task of an array) is in one of `states`; returns its fields."""
+
         def reached():
             fields = self.job(job_id)
             return fields if fields.get("JobState") in states else None
+
         return _wait(reached, timeout, f"job {job_id} to reach {sorted(states)} ({self.root}/log)")
 
     def wait_until_finished(self, job_id: str, timeout: float = 300) -> dict[str, str]:
