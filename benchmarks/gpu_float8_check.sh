@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_float8_check.sh WHEELS_DIR [DEST] [-- --section.key value ...]
 # WHEELS_DIR from benchmarks/gpu_setup.sh wheels (torchao 0.18.0 among them). DEST defaults to $OUT; it receives
 # each run's metrics.jsonl and config.toml, the logs, compare.json/.txt/.png. Overrides after -- go to every run.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 wheels=$(cd "$1" && pwd); shift
 dest=${OUT:-/tmp/float8-check}

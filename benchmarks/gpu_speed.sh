@@ -15,6 +15,7 @@
 # tests/gpu/test_fa4.py: FA4 in compiled blocks, ~1 min). SPEED_BUDGET_S (default
 # 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
 # and what finished is kept (each writes its JSON after every case).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 start=$SECONDS
 budget=${SPEED_BUDGET_S:-510}
