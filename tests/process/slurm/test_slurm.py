@@ -86,7 +86,8 @@ def test_two_nodes_preempted_by_sigusr1_requeue_and_resume(slurm_cluster, tmp_pa
         log,
         ["--nodes=2"],
         "configs/qwen3_debug.toml",
-        ["--training.steps", str(steps), "--job.output_dir", str(run), *QUICK],
+        # HSDP, one replica per node: gradients cross nodes, parameter gathers stay on each
+        ["--training.steps", str(steps), "--job.output_dir", str(run), "--parallel.replicate", "0", *QUICK],
     )
     wait_for_file_text(run / "metrics.jsonl", r'"step": 2\b', JOB_TIMEOUT_S)
     # What --signal=B:USR1@SECONDS does before the time limit: SIGUSR1 to the batch shell only.
@@ -98,6 +99,7 @@ def test_two_nodes_preempted_by_sigusr1_requeue_and_resume(slurm_cluster, tmp_pa
     assert fields["Restarts"] == "1", text
     assert fields["NodeList"] == "node[1-2]"
     assert "world size 4 on cpu" in text
+    assert "HSDP: 2 replicas x 2 ranks sharding each" in text
     preempted_at = {int(step) for step in re.findall(r"preempted \(.*?\) at step (\d+)", text)}
     assert len(preempted_at) == 1, text  # all ranks stopped at the same step
     (stop_step,) = preempted_at
