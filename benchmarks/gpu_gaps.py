@@ -1,0 +1,105 @@
+"""Where the GPU waits: reads a torch.profiler Chrome trace (train.py writes one with [metrics] profile = true, in
+<output_dir>/profile/trace.json) and reports the time per step no kernel or copy ran, the gaps by size, and what the
+host thread that launches the work was doing while the GPU waited (the CPU ops overlapping the gaps, outermost and
+innermost).
+
+    python benchmarks/gpu_gaps.py outputs/run/profile/trace.json [--min-gap-us 20] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import json
+from pathlib import Path
+
+GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+HOST_CATEGORIES = {"cpu_op", "user_annotation", "cuda_runtime", "python_function"}
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def analyse(trace: dict, min_gap_us: float) -> dict:
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    gpu = union([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_CATEGORIES])
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")
+    )
+    # the thread that launches kernels is the one with the most cuda_runtime time
+    launch_time: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "cuda_runtime":
+            launch_time[(e["pid"], e["tid"])] += e["dur"]
+    main_thread = launch_time.most_common(1)[0][0]
+    host = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat"))
+        for e in events
+        if e.get("cat") in HOST_CATEGORIES and (e["pid"], e["tid"]) == main_thread
+    )
+    host_starts = [h[0] for h in host]
+    longest_host = max((h[1] - h[0] for h in host), default=0.0)
+
+    gaps = [(a[1], b[0]) for a, b in zip(gpu, gpu[1:]) if b[0] - a[1] >= min_gap_us]
+    outer: collections.Counter = collections.Counter()
+    inner: collections.Counter = collections.Counter()
+    for gap in gaps:
+        lo = bisect.bisect_left(host_starts, gap[0] - longest_host)
+        hi = bisect.bisect_right(host_starts, gap[1])
+        active = [h for h in host[lo:hi] if overlap(gap, h[:2]) > 0]
+        for h in active:
+            inside = [o for o in active if o is not h and o[0] >= h[0] and o[1] <= h[1]]
+            around = [o for o in active if o is not h and o[0] <= h[0] and o[1] >= h[1]]
+            if not around:
+                outer[h[2]] += overlap(gap, h[:2])
+            if not inside:
+                inner[h[2]] += overlap(gap, h[:2])
+    sizes = collections.Counter()
+    for start, end in gaps:
+        us = end - start
+        sizes["<0.1 ms" if us < 100 else "0.1-1 ms" if us < 1000 else "1-10 ms" if us < 10_000 else ">=10 ms"] += us
+    span = (gpu[0][0], gpu[-1][1]) if gpu else (0.0, 0.0)
+    busy = sum(e - s for s, e in gpu)
+    n_steps = max(len(steps), 1)
+    return {
+        "steps": len(steps),
+        "step_ms": [round((e - s) / 1000, 2) for s, e, _ in steps],
+        "gpu_span_ms_per_step": round((span[1] - span[0]) / 1000 / n_steps, 2),
+        "gpu_busy_ms_per_step": round(busy / 1000 / n_steps, 2),
+        "gaps_ms_per_step": round(sum(e - s for s, e in gaps) / 1000 / n_steps, 2),
+        "gaps_ms_per_step_by_size": {k: round(v / 1000 / n_steps, 2) for k, v in sizes.items()},
+        "largest_gaps_ms": sorted((round((e - s) / 1000, 2) for s, e in gaps), reverse=True)[:12],
+        "host_outermost_during_gaps_ms_per_step": {k: round(v / 1000 / n_steps, 2) for k, v in outer.most_common(15)},
+        "host_innermost_during_gaps_ms_per_step": {k: round(v / 1000 / n_steps, 2) for k, v in inner.most_common(20)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace", type=Path, help="a torch.profiler Chrome trace (trace.json)")
+    parser.add_argument("--min-gap-us", type=float, default=20.0, help="shorter gaps are launch latency (default 20)")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    report = analyse(json.loads(args.trace.read_text()), args.min_gap_us)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
