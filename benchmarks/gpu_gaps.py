@@ -49,7 +49,9 @@ def analyse(trace: dict, min_gap_us: float) -> dict:
     host = sorted(
         (e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat"))
         for e in events
-        if e.get("cat") in HOST_CATEGORIES and (e["pid"], e["tid"]) == main_thread
+        if e.get("cat") in HOST_CATEGORIES
+        and (e["pid"], e["tid"]) == main_thread
+        and not e["name"].startswith("ProfilerStep#")
     )
     host_starts = [h[0] for h in host]
     longest_host = max((h[1] - h[0] for h in host), default=0.0)
@@ -61,13 +63,14 @@ def analyse(trace: dict, min_gap_us: float) -> dict:
         lo = bisect.bisect_left(host_starts, gap[0] - longest_host)
         hi = bisect.bisect_right(host_starts, gap[1])
         active = [h for h in host[lo:hi] if overlap(gap, h[:2]) > 0]
-        for h in active:
-            inside = [o for o in active if o is not h and o[0] >= h[0] and o[1] <= h[1]]
-            around = [o for o in active if o is not h and o[0] <= h[0] and o[1] >= h[1]]
-            if not around:
-                outer[h[2]] += overlap(gap, h[:2])
-            if not inside:
-                inner[h[2]] += overlap(gap, h[:2])
+        cuts = sorted({gap[0], gap[1], *(t for h in active for t in h[:2] if gap[0] < t < gap[1])})
+        for piece in zip(cuts, cuts[1:]):  # each piece of the gap goes to the ops running all through it
+            running = [h for h in active if h[0] <= piece[0] and h[1] >= piece[1]]
+            if running:
+                outer[min(running, key=lambda h: (h[0], -h[1]))[2]] += piece[1] - piece[0]
+                inner[max(running, key=lambda h: (h[0], -h[1]))[2]] += piece[1] - piece[0]
+            else:
+                outer["(host idle or in another thread)"] += piece[1] - piece[0]
     sizes = collections.Counter()
     for start, end in gaps:
         us = end - start
