@@ -282,8 +282,9 @@ def train_step(
 ) -> tuple[float, float, bool, float]:
     """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
     (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
-    finite. Returns the step's loss (the mean over every counted label of the global batch), the grad norm, whether
-    any rank was asked to stop, and the step's seconds (the same on every rank); one host sync for the four.
+    finite (decided on the device). Returns the step's loss (the mean over every counted label of the global batch),
+    the grad norm, whether any rank was asked to stop, and the step's seconds (the same on every rank), read while
+    the GPU runs the optimizer's step: the host never waits for it, so the next step's launches queue behind it.
     With `agree_between_micro_batches`, the ranks also agree before each further micro-batch whether one was
     signalled, and if so raise StepAbandoned."""
     start = time.perf_counter()
@@ -294,14 +295,17 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
             raise StepAbandoned
         model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
-        meta = model.attention_meta(mb.document_starts, device)  # host copy: no device sync
-        loss = mean_loss(model(mb.inputs.to(device), meta, mb.labels.to(device)), mb.global_labels)
+        meta = model.attention_meta(mb.document_starts, device)  # from the host copy: no device sync
+        mb = mb.to(device)
+        loss = mean_loss(model(mb.inputs, meta, mb.labels), mb.global_labels)
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
-    loss_value, grad_norm_value, preempted, seconds = parallel.step_stats(
-        loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start
-    )
+    stats = parallel.StepStats(loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
+    optim.step_unless_nonfinite(optimizer, stats.values[:2])
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    loss_value, grad_norm_value, preempted, seconds = stats.read()  # while the GPU runs the optimizer's step
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
         message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
         if not t.skip_nonfinite:
@@ -310,10 +314,6 @@ def train_step(
                 "training.skip_nonfinite=true to skip such steps"
             )
         log.warning("%s: step skipped (training.skip_nonfinite)", message)
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
     return loss_value, grad_norm_value, preempted, seconds
 
 

@@ -17,7 +17,8 @@ def validation_loss(model, batches: list[Batch], device: torch.device, micro_row
     for batch in batches:
         for micro in batch.split(micro_rows or batch.inputs.shape[0]):
             meta = model.attention_meta(micro.document_starts, device)
-            loss += model(micro.inputs.to(device), meta, micro.labels.to(device)).double()
+            micro = micro.to(device)
+            loss += model(micro.inputs, meta, micro.labels).double()
     if dist.is_initialized():
         dist.all_reduce(loss)
     return mean_loss(loss, sum(batch.global_labels for batch in batches)).item()

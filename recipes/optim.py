@@ -19,7 +19,7 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, steps: int,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
         weight_decay=config.weight_decay,
-        fused=device.type == "cuda",
+        fused=True,  # its kernel also skips a non-finite step on the device: step_unless_nonfinite
     )
     schedule = LRScheduler(warmup_steps=config.warmup_steps, decay_type=config.decay, min_lr_factor=config.min_lr_ratio)
     return optimizer, build_lr_schedulers([optimizer], schedule, steps).schedulers[0]
@@ -38,3 +38,14 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, config: Optimize
             weight_decay=config.weight_decay,
         )
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None:
+    """optimizer.step(), skipped by fused AdamW's own kernel where any of `values` is not finite: decided on the
+    device, so the host need not wait for the backward to end before launching the step. The flag is handed over
+    as torch.amp.GradScaler hands it (the optimizer's `found_inf`, read by its step)."""
+    optimizer.found_inf = (~torch.isfinite(values)).any().float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf

@@ -1,5 +1,5 @@
 """Process group and collectives: joining torchrun's group (or a one-process one), the device mesh (HSDP),
-rank-0-first blocks, gradient clipping and the one all-reduce of each step's statistics.
+rank-0-first blocks, gradient clipping and the one all-reduce of each step's statistics (read without a sync).
 
 The same code runs on CUDA with NCCL and on CPU with gloo; a plain `python train.py` gets a one-process group,
 so world size 1 and N take the same path.
@@ -89,24 +89,35 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def step_stats(
-    loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, seconds: float
-) -> tuple[float, float, bool, float]:
-    """One all-reduce and one host sync: (the step's loss, the sum of the ranks' parts of the mean: loss.mean_loss;
-    the grad norm, the same on every rank; whether any rank was signalled; the step's wall time averaged over
-    ranks, the same on every rank)."""
-    world = dist.get_world_size()
-    stats = torch.stack(
-        [
-            loss.float(),
-            grad_norm.float() / world,
-            torch.tensor(float(signalled), device=loss.device),
-            torch.tensor(seconds, device=loss.device),
-        ]
-    )
-    dist.all_reduce(stats)
-    loss_value, norm, flags, seconds_sum = stats.tolist()
-    return loss_value, norm, flags > 0, seconds_sum / world
+class StepStats:
+    """A step's statistics, all-reduced on the device, then copied to the host without waiting: the caller launches
+    the optimizer's step before it reads them, so the GPU goes on from the backward to the step while the host waits
+    for these four numbers alone. `values` (on the device): the step's loss (the sum of the ranks' parts of the
+    mean: loss.mean_loss), the grad norm, whether any rank was signalled, the sum of the ranks' step seconds."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, seconds: float):
+        device = loss.device
+        self.world = dist.get_world_size()
+        self.values = torch.stack(  # torch.full, not torch.tensor: no host-to-device copy, which would wait
+            [
+                loss.float(),
+                grad_norm.float() / self.world,
+                torch.full((), float(signalled), device=device),
+                torch.full((), seconds, device=device),
+            ]
+        )
+        dist.all_reduce(self.values)
+        self._host = self.values.to("cpu", non_blocking=True)
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        if self._copied is not None:
+            self._copied.record()
+
+    def read(self) -> tuple[float, float, bool, float]:
+        """(loss, grad norm, any rank signalled, seconds averaged over ranks): the same on every rank."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        loss, norm, flags, seconds_sum = self._host.tolist()
+        return loss, norm, flags > 0, seconds_sum / self.world
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -23,6 +23,7 @@ from recipes.data.cache import ENCODE_CHUNK, HASH_DIGITS, corpus_tokens
 from recipes.data.sources import hub_dataset, hub_fingerprint, is_heldout, local_source, missing_field
 from recipes.data.tokenizer import Tokenizer
 from recipes.errors import UserError
+from recipes.qwen3.attention import to_device
 from recipes.qwen3.loss import IGNORE_INDEX, counted_labels
 
 _HUB_SHUFFLE_BUFFER = 10_000
@@ -163,6 +164,11 @@ class Batch:
     labels: torch.Tensor
     document_starts: torch.Tensor
     global_labels: int  # labels the loss counts in the whole step, over every rank: the loss is a mean over them
+
+    def to(self, device: torch.device) -> Batch:
+        """Inputs and labels on `device` (attention.to_device: no wait for the queued kernels); the document
+        starts stay on the host, where the attention backends build their metadata from them."""
+        return Batch(to_device(self.inputs, device), to_device(self.labels, device), self.document_starts, self.global_labels)
 
     def split(self, rows: int) -> list[Batch]:
         """Micro-batches of `rows` rows each (the step's global label count stays theirs)."""

@@ -48,6 +48,14 @@ MASKS = ("causal", "document")
 KERNELS = ("auto", "torch", "fa4")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A host tensor on `device`, from pinned memory without waiting: a copy from pageable memory can make the host
+    wait for every kernel queued before it, so the GPU would idle while the host launches the next work."""
+    if device is None or device.type == "cpu" or tensor.device.type != "cpu":
+        return tensor.to(device or tensor.device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def document_ids(document_starts: torch.Tensor) -> torch.Tensor:
     """(batch, seq) index of the document each token belongs to, counted along its row."""
     return torch.cumsum(document_starts.to(torch.int32), dim=1)
@@ -100,7 +108,7 @@ class SDPABackend:
     def attention_meta(self, document_starts: torch.Tensor, device=None) -> torch.Tensor | None:
         if self.mask == "causal":
             return None
-        doc = document_ids(document_starts.to(device or document_starts.device))
+        doc = document_ids(to_device(document_starts, device))
         seq = doc.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=doc.device).tril()
         return (doc[:, :, None] == doc[:, None, :]) & causal  # (batch, seq, seq)
@@ -137,7 +145,7 @@ class FlexBackend:
 
         if self.mask == "causal":
             return create_block_mask(causal, None, None, seq, seq, device=device)
-        doc = document_ids(document_starts.to(device))
+        doc = document_ids(to_device(document_starts, device))
 
         def document(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
@@ -218,7 +226,7 @@ class VarlenBackend:
             return VarlenMeta(cu, seq)
         cu = packed_offsets(document_starts).to(torch.int32)
         max_seqlen = int((cu[1:] - cu[:-1]).max())  # a host sync only when the starts are on the device
-        return VarlenMeta(cu.to(device, non_blocking=True), max_seqlen)
+        return VarlenMeta(to_device(cu, device), max_seqlen)
 
     def __call__(self, q, k, v, meta: VarlenMeta, scale):
         batch, seq, q_heads, head_dim = q.shape
