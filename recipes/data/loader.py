@@ -168,7 +168,9 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         """Inputs and labels on `device` (attention.to_device: no wait for the queued kernels); the document
         starts stay on the host, where the attention backends build their metadata from them."""
-        return Batch(to_device(self.inputs, device), to_device(self.labels, device), self.document_starts, self.global_labels)
+        return Batch(
+            to_device(self.inputs, device), to_device(self.labels, device), self.document_starts, self.global_labels
+        )
 
     def split(self, rows: int) -> list[Batch]:
         """Micro-batches of `rows` rows each (the step's global label count stays theirs)."""
