@@ -51,7 +51,7 @@ KERNELS = ("auto", "torch", "fa4")
 def to_device(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     """A host tensor on `device`, from pinned memory without waiting: a copy from pageable memory can make the host
     wait for every kernel queued before it, so the GPU would idle while the host launches the next work."""
-    if device is None or device.type == "cpu" or tensor.device.type != "cpu":
+    if device is None or device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device or tensor.device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
