@@ -145,48 +145,39 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
     parallel.set_deterministic(t.deterministic)
 
     tokenizer, loader, heldout, shape = startup.inputs(config, dist_)
+    mesh = parallel.device_mesh(config.parallel.replicate, device)
     with timed("model: building"):
-        model = build.build_model(
-            shape, t, config.model.init_from, device, parallel.device_mesh(config.parallel.replicate, device)
-        )
-    log.info(
-        "model: %s, %.1fM parameters, attention=%s mask=%s; data: %s; tokenizer: %s; world size %d on %s",
-        config.run_name,
-        model.num_params() / 1e6,
-        shape.attention,
-        shape.mask,
-        config.data.dataset,
-        tokenizer.name,
-        dist_.world_size,
-        device.type,
-    )
+        model = build.build_model(shape, t, config.model.init_from, device, mesh)
+    log.info(startup.model_line(config, model, shape, tokenizer, dist_))
     optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
-    checkpoints = output_dir / "checkpoints"
     folder, _, superseded = resume
     start_step = checkpoint.load(folder, model, optimizer, scheduler, loader, t.steps) if folder else 0
     if start_step:
         optim.apply_settings(optimizer, scheduler, config.optimizer)
     # Every input, the checkpoint included, is checked: from here on the run writes, config.toml first.
     changed = outputs.record_config(output_dir, config, saved, start_step, dist_.is_main, superseded)
-    metrics = MetricsLogger(
-        output_dir, config, enabled=dist_.is_main, resume_step=start_step, changed=changed, on_cpu=device.type == "cpu"
-    )
+    on_cpu = device.type == "cpu"
+    metrics = MetricsLogger(output_dir, config, dist_.is_main, resume_step=start_step, changed=changed, on_cpu=on_cpu)
     peak = peak_flops(device)
     throughput = ThroughputWindow(shape, model.num_params(exclude_embeddings=True), t.seq_len)
     profiler = build_profiler(output_dir, config.metrics.profile and dist_.is_main)
 
-    def stop_preempted(last_step: int, abandoned: str = "") -> int:
+    def save(step: int) -> None:
+        checkpoint.save(output_dir / "checkpoints", step, model, optimizer, scheduler, loader, config.checkpoint.keep)
+
+    def stop_preempted(last_step: int, abandoned: int | None = None) -> int:
         if config.checkpoint.enable:
-            checkpoint.save(checkpoints, last_step, model, optimizer, scheduler, loader, config.checkpoint.keep)
-        log.warning(
-            "preempted (%s) at step %d%s: %s",
-            preemption.signal_name or "signal on another rank",
-            last_step,
-            abandoned,
+            save(last_step)
+        why = (
+            f" (step {abandoned} abandoned: steps take longer than a third of the {KILL_GRACE_S:.0f} s before SIGKILL)"
+        )
+        saved_or_not = (
             "checkpoint saved; run again to continue"
             if config.checkpoint.enable
-            else "checkpoint.enable=false, so nothing was saved",
+            else "checkpoint.enable=false, so nothing was saved"
         )
+        who = preemption.signal_name or "signal on another rank"
+        log.warning("preempted (%s) at step %d%s: %s", who, last_step, why if abandoned else "", saved_or_not)
         return PREEMPTED_EXIT_CODE
 
     log.info(
@@ -201,23 +192,11 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
             throughput.add(batch)
             try:
                 loss, grad_norm, preempted, seconds = train_step(
-                    model,
-                    batch,
-                    optimizer,
-                    scheduler,
-                    step,
-                    t,
-                    device,
-                    preemption,
-                    agree_between_micro_batches=long_steps,
+                    model, batch, optimizer, scheduler, step, t, device, preemption, long_steps
                 )
             except StepAbandoned:
                 loader.load_state_dict(position)  # the resumed run starts with this step's batch
-                return stop_preempted(
-                    step - 1,
-                    f" (step {step} abandoned: steps take longer than a third of the "
-                    f"{KILL_GRACE_S:.0f} s before SIGKILL)",
-                )
+                return stop_preempted(step - 1, abandoned=step)
             long_steps = seconds > KILL_GRACE_S / 3
             if step == start_step + 1:
                 log.info("first step: done in %.1f s", time.perf_counter() - train_start)
@@ -250,18 +229,15 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
                 return stop_preempted(step)
             interval = config.checkpoint.interval
             if config.checkpoint.enable and ((interval and step % interval == 0) or last):
-                checkpoint.save(checkpoints, step, model, optimizer, scheduler, loader, config.checkpoint.keep)
-        newest = checkpoint.complete_checkpoints(checkpoints)
+                save(step)
+        newest = checkpoint.complete_checkpoints(output_dir / "checkpoints")
         if config.checkpoint.export_hf:
             torch.distributed.destroy_process_group()  # the export reads the whole checkpoint in rank 0 alone
             if dist_.is_main:
                 with timed(f"export_hf: {newest[-1].name} for transformers to {output_dir / 'hf'}"):
                     export(output_dir, step, output_dir / "hf", torch.float32, replace=True)
-        log.info(
-            metrics.summary(
-                start_step, step, time.perf_counter() - train_start, newest[-1] if newest else None, output_dir
-            )
-        )
+        seconds = time.perf_counter() - train_start
+        log.info(metrics.summary(start_step, step, seconds, newest[-1] if newest else None, output_dir))
         return 0
     finally:
         if profiler is not None:

@@ -41,6 +41,15 @@ def inputs(config: Config, dist_: parallel.Distributed):
     return tokenizer, loader, heldout, shape
 
 
+def model_line(config: Config, model, shape, tokenizer, dist_: parallel.Distributed) -> str:
+    """What a start trains, in one line: the model, its backend, the data and where it runs."""
+    return (
+        f"model: {config.run_name}, {model.num_params() / 1e6:.1f}M parameters, attention={shape.attention} "
+        f"mask={shape.mask}; data: {config.data.dataset}; tokenizer: {tokenizer.name}; world size "
+        f"{dist_.world_size} on {dist_.device.type}"
+    )
+
+
 def resume_point(output_dir: Path, config: Config, saved: Config | None):
     """checkpoint.resume_point for this run: a load_step counts as applied once the folder's config.toml has it."""
     applied = saved is not None and saved.checkpoint.load_step == config.checkpoint.load_step
