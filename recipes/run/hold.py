@@ -1,17 +1,14 @@
 """One live run per output folder: the run's hold on `<output_dir>/.hold`, taken by global rank 0.
 
 A second run into a folder that a live run holds is refused at once (a UserError naming the holder and the fix); a
-hold whose process is gone (kill -9, a lost node) is taken over with one warning.
-
-Why not flock/fcntl: on NFS and Lustre those locks may be off (ENOSYS), node-local (Lustre localflock) or stuck on
-a lost node. Why not filelock's soft locks: they break a stale lock with renameat2(RENAME_EXCHANGE), which NFS and
-Lustre refuse, and SoftFileLease makes a newcomer watch a whole lease, however long ago the heartbeat stopped.
-So the hold is a JSON record (host, pid, start, token, SLURM job...) written to a unique temp file, then link(2)ed
-to `.hold`: atomic on every NFS version and on Lustre, never half-written. A thread touches its mtime every
-HEARTBEAT_S while it carries our token. It is stale when, on this machine (host, boot id, pid namespace), its pid is
-gone or another process (/proc start time); elsewhere when its mtime is STALE_AFTER_S older than our temp file's
-(stamped by the same file server: client clocks do not matter). Of the newcomers that find one stale hold, the one
-that links the next claim file renames its record over the hold, so the folder is never without one.
+hold whose process is gone (kill -9, a lost node) is taken over with one warning. Not flock/fcntl: on NFS and Lustre
+those may be off, node-local or stuck on a lost node. Not filelock's soft locks: they break a stale lock with
+renameat2(RENAME_EXCHANGE), which NFS and Lustre refuse, and its lease makes a newcomer watch a whole lease however
+long ago the heartbeat stopped. So the hold is a JSON record link(2)ed from a unique temp file (atomic on NFS and
+Lustre); a thread touches its mtime every HEARTBEAT_S while it carries our token. It is stale when, on this machine
+(host, boot id, pid namespace), its pid is gone or another process (/proc start time); elsewhere when its mtime is
+STALE_AFTER_S older than our temp file's (same file server clock: client skew does not matter). Of the newcomers that
+find one stale hold, the one that links the first free claim renames its record over it: never a folder without one.
 """
 
 from __future__ import annotations
@@ -34,8 +31,7 @@ log = logging.getLogger(__name__)
 
 HOLD_FILE = ".hold"  # in the output folder; outputs.check_output_dir ignores it (and its .hold.* helpers)
 HEARTBEAT_S = 30.0  # one open, read and SETATTR per 30 s: nothing for a file server, yet 10 beats per STALE_AFTER_S
-STALE_AFTER_S = 300.0  # 10 missed beats tolerate NFS stalls, attribute caching (actimeo <= 60 s) and client clock
-#   skew (Lustre stamps with the client's); this is how long a lost node blocks its folder
+STALE_AFTER_S = 300.0  # 10 missed beats (NFS stalls, attribute caching, clock skew); how long a lost node blocks
 CLAIM_STALE_S = 60.0  # a takeover takes milliseconds; a claim this old belongs to a newcomer that died in it
 ATTEMPTS = 3  # a retry happens only when the folder changed under us (a holder released, a racer took over)
 
@@ -82,16 +78,17 @@ def _read(path: Path) -> tuple[dict | None, float, str] | None:
     return record, st.st_mtime, record["token"] if record else f"inode-{st.st_ino}-{st.st_size}"
 
 
-def _describe(record: dict | None) -> str:
-    if record is None:
-        return "an unreadable hold file"
+def _describe(seen: tuple[dict | None, float, str] | None) -> str:
+    """Who holds a hold file as `_read` read it."""
+    if seen is None or seen[0] is None:
+        return "nobody" if seen is None else "an unreadable hold file"
+    record = seen[0]
     slurm = f", SLURM job {record['slurm_job']}" if record.get("slurm_job") else ""
     return f"host {record.get('host')}, pid {record.get('pid')}{slurm}, since {record.get('started')}"
 
 
 def _stale(record: dict | None, age: float, stale_after_s: float) -> tuple[bool, str]:
-    """(stale, why) for a hold whose mtime is `age` s old. A live process on this machine holds, however old its
-    heartbeat (stopped, or stuck on I/O)."""
+    """(stale, why) for a hold whose mtime is `age` s old; a live process on this machine holds however old it is."""
     if record is not None and all(record.get(key) == value for key, value in _machine().items()):
         pid = record["pid"]
         try:
@@ -125,17 +122,16 @@ def _take(output_dir: Path, record: dict, stale_after_s: float) -> str | None:
             if (seen := _read(hold)) is None:
                 continue  # released meanwhile
             holder, mtime, key = seen
-            if key == record["token"]:
-                return None  # our link worked, but NFS lost its reply and the retransmit found the name taken
             stale, why = _stale(holder, max(0.0, now - mtime), stale_after_s)
+            who = _describe(seen)
             if not stale:
-                return f"is held by a live run ({_describe(holder)}; {why}); wait for it to end, stop it"
+                return f"is held by a live run ({who}; {why}); wait for it to end, stop it"
             # Of the newcomers that found this very hold, the one that links the first free claim takes it over.
             prefix, n = f"{output_dir / HOLD_FILE}.takeover-{hashlib.sha256(key.encode()).hexdigest()[:16]}-", 1
             while (claimed := _read(Path(f"{prefix}{n}"))) is not None and now - claimed[1] > CLAIM_STALE_S:
                 n += 1  # the claim of a newcomer that died in its takeover
             if claimed is not None:  # a claim holds its claimant's record
-                return f"is being taken over by another run ({_describe(claimed[0])}); rerun to see which run holds it"
+                return f"is being taken over by another run ({_describe(claimed)}); rerun to see which run holds it"
             try:
                 os.link(tmp, f"{prefix}{n}")
             except FileExistsError:
@@ -143,9 +139,7 @@ def _take(output_dir: Path, record: dict, stale_after_s: float) -> str | None:
             try:
                 if (current := _read(hold)) is not None and current[2] == key:  # still the hold we judged stale
                     os.rename(tmp, hold)  # atomic: the folder is never without a hold, so no one slips in
-                    log.warning(
-                        "job.output_dir: took over %s from a stale hold (%s): %s", output_dir, _describe(holder), why
-                    )
+                    log.warning("job.output_dir: took over %s from a stale hold (%s): %s", output_dir, who, why)
                     return None
             finally:
                 for claim in range(1, n + 1):  # ours, and those of newcomers that died
@@ -165,12 +159,9 @@ class RunHold(contextlib.AbstractContextManager):
 
     @classmethod
     def take(cls, output_dir: Path, *, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S) -> RunHold:
-        """Holds `output_dir` (created with its parents if missing) for this process, or raises UserError naming the
-        live holder. A stale hold is taken over with one warning. Starts the heartbeat."""
+        """Holds `output_dir` (made if missing) for this process, or raises UserError naming the live holder."""
         hold = cls(output_dir)
-        # The folder as the hold found it, so that a run that wrote nothing leaves no trace: the folders the hold
-        # creates (deepest first), and the entries and times of the nearest one that existed.
-        hold._created, hold._anchor = [], hold.output_dir
+        hold._created, hold._anchor = [], hold.output_dir  # the folders it creates (deepest first); the one it found
         while not hold._anchor.exists():
             hold._created.append(hold._anchor)
             hold._anchor = hold._anchor.parent
@@ -200,6 +191,7 @@ class RunHold(contextlib.AbstractContextManager):
             hold._undo()
             raise UserError(f"job.output_dir: {hold.output_dir} {refusal}, or choose another job.output_dir")
         hold.token, hold.held = record["token"], True
+        hold._held_mtime = os.stat(hold._anchor).st_mtime_ns  # what the run changes when it writes there
         hold._thread = threading.Thread(target=hold._beat, args=(heartbeat_s,), name=f"hold {output_dir}", daemon=True)
         hold._thread.start()
         return hold
@@ -246,8 +238,7 @@ class RunHold(contextlib.AbstractContextManager):
                     os.utime(self.path)  # "now", on NFS the server's clock
                     trouble = None
                 else:
-                    holder = _describe(seen[0]) if seen is not None else "nobody"
-                    trouble = f"lost, now held by {holder}; another run may write to {self.output_dir}"
+                    trouble = f"lost, now held by {_describe(seen)}; another run may write to {self.output_dir}"
             except OSError as error:
                 trouble = f"heartbeat failed ({error.strerror}); retrying every {heartbeat_s:.0f} s"
             if trouble is not None and trouble != warned:
@@ -255,24 +246,25 @@ class RunHold(contextlib.AbstractContextManager):
             warned = trouble
 
     def release(self) -> None:
-        """Stops the heartbeat and removes the hold if it still carries our token; a run that wrote nothing leaves
-        the folder as it found it. Idempotent; a no-op on a RunHold that holds nothing."""
+        """Stops the heartbeat, removes the hold if it still carries our token, undoes the folder if nothing was
+        written into it. A no-op on a RunHold that holds nothing (any more)."""
         if not self.held:
             return
         self.held = False
         self._stop.set()
         self._thread.join(timeout=10)  # so that it touches no hold after ours is gone
+        with contextlib.suppress(OSError):
+            if os.stat(self._anchor).st_mtime_ns != self._held_mtime:
+                self._names = None  # the run (or another process) changed the folder's entries: its times stay
         seen = _read(self.path)
         if seen is not None and seen[2] == self.token:
             self.path.unlink(missing_ok=True)
         else:
-            holder = _describe(seen[0]) if seen is not None else "removed"
-            log.warning("hold %s: not ours any more at release (%s); left as it is", self.path, holder)
+            log.warning("hold %s: not ours any more at release (held by %s); left as it is", self.path, _describe(seen))
         self._undo()
 
     def _undo(self) -> None:
-        """Removes the folders the hold created (if empty) and puts back the times of the one that existed if its
-        entries are as they were (a change of another process is kept)."""
+        """Removes the folders the hold made (if empty), and restores the times of the one it found if unchanged."""
         for folder in filter(Path.exists, self._created):
             try:
                 folder.rmdir()
