@@ -208,7 +208,7 @@ class RunHold(contextlib.AbstractContextManager):
                 hold = cls.take(output_dir, **take_args)
             except Exception as error:  # noqa: BLE001 - any failure must reach the other ranks
                 failure = error
-                message = str(error) if isinstance(error, UserError) else f"job.output_dir: rank 0 failed ({error!r})"
+                message = str(error) if isinstance(error, UserError) else f"rank 0 could not take the hold ({error!r})"
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             box = [message]
             try:
