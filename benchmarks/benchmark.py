@@ -107,16 +107,24 @@ def run_case(command: list[str], log, timeout: int, env: dict | None = None) -> 
         return f"timeout after {timeout} s"
 
 
+def torchrun_case(program: list[str], spec: dict, args, *flags: str) -> list[str]:
+    """torchrun of `program` on --nproc processes with `flags`, then the case's batch and the run's length, which
+    train.py and torchtitan.train spell alike."""
+    return [
+        *[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *program],
+        *flags,
+        *["--training.seq_len", str(spec["seq_len"]), "--training.local_batch_size", str(spec["local_batch_size"])],
+        *["--training.steps", str(args.steps)],
+    ]
+
+
 def run_ours(spec: dict, args, work: Path) -> dict:
     out = work / f"ours-{spec['case']}"
     shutil.rmtree(out, ignore_errors=True)  # a rerun measures anew instead of being refused by the old folder
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-        str(REPO / "train.py"),
+    command = torchrun_case(
+        [str(REPO / "train.py")],
+        spec,
+        args,
         "--config",
         str(REPO / "configs" / f"qwen3_{spec['backend']}.toml"),
         "--model.flavor",
@@ -129,12 +137,6 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         spec["ac"],
         "--training.float8",
         str(spec["float8"]).lower(),
-        "--training.seq_len",
-        str(spec["seq_len"]),
-        "--training.local_batch_size",
-        str(spec["local_batch_size"]),
-        "--training.steps",
-        str(args.steps),
         "--training.compile",
         str(spec["compile"]).lower(),
         "--training.dtype",
@@ -155,7 +157,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
         str(out),
         "--metrics.profile",
         str(spec["case"] in args.profile).lower(),
-    ]
+    )
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
@@ -199,14 +201,10 @@ def torchtitan_setup(args, work: Path) -> Path:
 
 def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
     tt = REPO / "benchmarks" / "torchtitan"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-        "-m",
-        "torchtitan.train",
+    command = torchrun_case(
+        ["-m", "torchtitan.train"],
+        spec,
+        args,
         "--job.config_file",
         str(tt / "base.toml"),
         "--job.dump_folder",
@@ -217,18 +215,12 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
         "ttflavors",
         "--model.flavor",
         f"{spec['flavor']}_{spec['backend']}_{TORCHTITAN_MASK[spec['mask']]}",
-        "--training.seq_len",
-        str(spec["seq_len"]),
-        "--training.local_batch_size",
-        str(spec["local_batch_size"]),
-        "--training.steps",
-        str(args.steps),
         "--training.dataset_path",
         str(corpus),
         "--metrics.log_freq",
         "1",
         "--compile.enable" if spec["compile"] else "--compile.no-enable",
-    ]
+    )
     env = {**os.environ, "PYTHONPATH": f"{tt}:{os.environ.get('PYTHONPATH', '')}"}
     log = work / f"tt-{spec['case']}.log"
     started = time.time()

@@ -1,48 +1,19 @@
-"""One live run per output folder: the run's hold on `<output_dir>/.hold`.
+"""One live run per output folder: the run's hold on `<output_dir>/.hold`, taken by global rank 0.
 
-A second run into a folder a live run holds is refused at once (a UserError naming the holder and the fix); a
-hold whose process is gone (kill -9, a lost node) is taken over, with one warning naming the old holder. One hold
-per run: global rank 0 takes it, and `RunHold.for_run` tells the other ranks the outcome (they hold nothing).
-
-Why a file and not flock/fcntl: output folders live on NFS and Lustre, where those locks may be absent (NFS
-`nolock`, Lustre `noflock`: ENOSYS), node-local only (Lustre `localflock`: silently wrong across nodes) or
-stuck on a lost node until a lease or lock daemon gives up. Why not filelock (4.3.1, installed with torch), whose
-soft locks do serve NFS: its SoftFileLease lets a newcomer take another machine's claim only after watching it
-unchanged for the whole lease on the newcomer's own clock, so a rerun after a lost node would wait STALE_AFTER_S
-however long ago the heartbeat stopped; and the record naming the holder (SLURM job, start) and the folder left as
-it was would stay ours. The hold is a plain file, made with operations that are atomic on those filesystems:
-
-- Taking: the record (JSON: host, pid, started (ISO), token (uuid4), plus boot_id, pid_ns, proc_start and
-  slurm_job) is written and fsynced to a unique `.hold.new-<token>`, then `os.link`ed to `.hold`. link(2) is
-  atomic on every NFS version and on Lustre (O_CREAT|O_EXCL only from NFSv3 on), and the hold appears complete,
-  never half-written. A link whose reply was lost (NFS retransmit: EEXIST although it worked) is recognised by
-  the name carrying our token. Filesystems without hard links fall back to O_EXCL.
-- Heartbeat: a daemon thread sets the hold's mtime to "now" every HEARTBEAT_S, first checking that it still
-  carries our token. On NFS "now" is the server's clock; staleness is judged against the mtime of the
-  newcomer's fresh temp file, stamped by the same clock, so clock skew between nodes does not matter.
-- Stale: on this machine (same hostname, boot id and pid namespace, so containers and a rebooted node are not
-  mistaken for it) when the pid is gone (os.kill(pid, 0)), a zombie, or another process started at another time
-  (/proc/<pid>/stat starttime: a reused pid is not the holder); on another machine when the heartbeat is older
-  than STALE_AFTER_S. A live process on this machine holds, however old its heartbeat (stopped, or stuck on I/O).
-- Takeover, race-free between newcomers that found the same stale hold: each tries to create the claim
-  `.hold.takeover-<hash of that hold>-<generation>` (link: exactly one wins; a loser waits TAKEOVER_WAIT_S and
-  looks again, finding the winner's hold, and is refused). The winner re-reads `.hold` and, if it is still the
-  hold judged stale, renames its own record over it: rename is atomic and the folder is never without a hold,
-  so no run finding it free can slip in. A claim left by a newcomer killed mid-takeover (milliseconds of work)
-  is superseded by the next generation after CLAIM_STALE_S. What remains is a stale holder that was alive after
-  all (5 min without a heartbeat, yet running) releasing in the microseconds between the re-read and the rename.
-- Release (context manager exit, normal or exception): the hold is removed only if it still carries our token.
-  A run that wrote nothing (it stopped on a bad input) leaves the folder as it found it: folders the hold
-  created are removed again, and the folder's mtime is put back if nothing else changed it meanwhile.
-
-SLURM: slurm/train.sbatch requeues only after srun has returned, so the old hold is gone. A job submitted twice,
-or requeued while its old instance still runs (a node cut off from slurmctld but not from the filesystem), is
-simply refused while the old instance holds: nothing of the folder is touched. An instance killed with SIGKILL on
-another node holds until its heartbeat is STALE_AFTER_S old.
+A second run into a folder that a live run holds is refused at once (a UserError naming the holder and the fix); a
+hold whose process is gone (kill -9, a lost node) is taken over with one warning. Not flock/fcntl: on NFS and Lustre
+those may be off, node-local or stuck on a lost node. Not filelock's soft locks: they break a stale lock with
+renameat2(RENAME_EXCHANGE), which NFS and Lustre refuse, and its lease makes a newcomer watch a whole lease however
+long ago the heartbeat stopped. So the hold is a JSON record link(2)ed from a unique temp file (atomic on NFS and
+Lustre); a thread touches its mtime every HEARTBEAT_S while it carries our token. It is stale when, on this machine
+(host, boot id, pid namespace), its pid is gone or another process (/proc start time); elsewhere when its mtime is
+STALE_AFTER_S older than our temp file's (same file server clock: client skew does not matter). Of the newcomers that
+find one stale hold, the one that links the first free claim renames its record over it: never a folder without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -51,9 +22,7 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from recipes.errors import UserError, write_failed
@@ -62,12 +31,9 @@ log = logging.getLogger(__name__)
 
 HOLD_FILE = ".hold"  # in the output folder; outputs.check_output_dir ignores it (and its .hold.* helpers)
 HEARTBEAT_S = 30.0  # one open, read and SETATTR per 30 s: nothing for a file server, yet 10 beats per STALE_AFTER_S
-STALE_AFTER_S = 300.0  # a holder on another machine is dead after 5 min without a heartbeat: 10 missed beats
-#   tolerate NFS stalls, attribute caching (actimeo is at most 60 s by default) and skew between clients' clocks
-#   (Lustre stamps with the client's); this is how long a lost node blocks its folder
+STALE_AFTER_S = 300.0  # 10 missed beats (NFS stalls, attribute caching, clock skew); how long a lost node blocks
 CLAIM_STALE_S = 60.0  # a takeover takes milliseconds; a claim this old belongs to a newcomer that died in it
 ATTEMPTS = 3  # a retry happens only when the folder changed under us (a holder released, a racer took over)
-TAKEOVER_WAIT_S = 0.1  # while another newcomer takes over, wait this long before looking again, to name the winner
 
 
 def is_hold_file(name: str) -> bool:
@@ -75,7 +41,7 @@ def is_hold_file(name: str) -> bool:
     return name == HOLD_FILE or name.startswith(HOLD_FILE + ".")
 
 
-def _read_proc_stat(pid: int) -> tuple[str, int] | None:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) of a process, from /proc; None where unreadable."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -85,45 +51,18 @@ def _read_proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
 def _machine() -> dict:
-    """What makes a pid meaningful: the host, its current boot and the pid namespace."""
-    try:
-        pid_ns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pid_ns = None
-    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+    """What makes a pid meaningful: the host, its current boot and the pid namespace (containers share hostnames)."""
+    here = {"host": socket.gethostname(), "boot_id": None, "pid_ns": None}
+    with contextlib.suppress(OSError):
+        here["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        here["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    return here
 
 
-def _now_iso() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-@dataclass
-class _Seen:
-    """A hold file as read: its record (None if unreadable), mtime, and the key naming this very hold."""
-
-    record: dict | None
-    mtime: float
-    key: str
-
-    def describe(self) -> str:
-        if self.record is None:
-            return "an unreadable hold file"
-        r = self.record
-        slurm = f", SLURM job {r['slurm_job']}" if r.get("slurm_job") else ""
-        return f"host {r.get('host')}, pid {r.get('pid')}{slurm}, since {r.get('started')}"
-
-
-def _read_hold(path: Path) -> _Seen | None:
-    """The hold file at `path`, or None where there is none. Opened before its stat: on NFS the open revalidates
-    the cached attributes (close-to-open), so the mtime is the server's current one."""
+def _read(path: Path) -> tuple[dict | None, float, str] | None:
+    """(record or None where unreadable, mtime, key naming this very hold) of a hold file; None where there is none.
+    Opened before its stat: on NFS the open revalidates the cached attributes, so the mtime is the server's."""
     try:
         with open(path, "rb") as f:
             data, st = f.read(), os.fstat(f.fileno())
@@ -131,401 +70,209 @@ def _read_hold(path: Path) -> _Seen | None:
         return None
     try:
         record = json.loads(data)
-        if not (
-            isinstance(record, dict)
-            and isinstance(record.get("token"), str)
-            and isinstance(record.get("pid"), int)
-            and record["pid"] > 0
-        ):
-            record = None
     except ValueError:
         record = None
-    key = record["token"] if record else f"inode-{st.st_ino}-{st.st_size}"
-    return _Seen(record, st.st_mtime, key)
+    valid = isinstance(record, dict) and isinstance(record.get("token"), str) and isinstance(record.get("pid"), int)
+    if not (valid and record["pid"] > 0):
+        record = None
+    return record, st.st_mtime, record["token"] if record else f"inode-{st.st_ino}-{st.st_size}"
 
 
-def _judge(seen: _Seen, now: float, stale_after_s: float) -> tuple[bool, str]:
-    """(stale, why) for a hold file, `now` on the clock that stamped its mtime."""
-    age = max(0.0, now - seen.mtime)
-    r = seen.record
-    here = _machine()
-    if r is not None and all(r.get(k) == here[k] for k in here):
-        pid = r["pid"]
+def _describe(seen: tuple[dict | None, float, str] | None) -> str:
+    """Who holds a hold file as `_read` read it."""
+    if seen is None or seen[0] is None:
+        return "nobody" if seen is None else "an unreadable hold file"
+    record = seen[0]
+    slurm = f", SLURM job {record['slurm_job']}" if record.get("slurm_job") else ""
+    return f"host {record.get('host')}, pid {record.get('pid')}{slurm}, since {record.get('started')}"
+
+
+def _stale(record: dict | None, age: float, stale_after_s: float) -> tuple[bool, str]:
+    """(stale, why) for a hold whose mtime is `age` s old; a live process on this machine holds however old it is."""
+    if record is not None and all(record.get(key) == value for key, value in _machine().items()):
+        pid = record["pid"]
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True, f"pid {pid} is no longer running"
         except PermissionError:
             pass  # it exists, as another user's process
-        stat = _read_proc_stat(pid)
-        if stat is not None:
-            if stat[0] in "ZX":
-                return True, f"pid {pid} has exited"
-            if isinstance(r.get("proc_start"), int) and stat[1] != r["proc_start"]:
-                return True, f"pid {pid} is now another process (started at another time)"
+        stat = _proc_stat(pid)
+        if stat is not None and stat[0] in "ZX":
+            return True, f"pid {pid} has exited"
+        if stat is not None and isinstance(record.get("proc_start"), int) and stat[1] != record["proc_start"]:
+            return True, f"pid {pid} is now another process (started at another time)"
         return False, "its process is running on this machine"
     if age > stale_after_s:
         return True, f"its last heartbeat is {age:.0f} s old (stale after {stale_after_s:.0f} s)"
-    what = "last heartbeat" if r is not None else "written"
+    what = "last heartbeat" if record is not None else "written"
     return False, f"{what} {age:.0f} s ago; it counts as stale {stale_after_s:.0f} s after its last heartbeat"
 
 
-class _Folder:
-    """The output folder as the hold found it, so that a run that wrote nothing leaves no trace: the folders it
-    created, and the mtime of the first folder that existed (changes of other processes are detected and kept)."""
+def _take(output_dir: Path, record: dict, stale_after_s: float) -> str | None:
+    """Makes `record` the hold of `output_dir`: None once held, else why not and what to do."""
+    hold, tmp = output_dir / HOLD_FILE, output_dir / f"{HOLD_FILE}.new-{record['token']}"
+    try:
+        tmp.write_bytes((json.dumps(record) + "\n").encode())
+        now = tmp.stat().st_mtime  # "now" on the clock that stamps the hold's mtime
+        for _ in range(ATTEMPTS):
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, hold)
+                return None
+            if (seen := _read(hold)) is None:
+                continue  # released meanwhile
+            holder, mtime, key = seen
+            stale, why = _stale(holder, max(0.0, now - mtime), stale_after_s)
+            who = _describe(seen)
+            if not stale:
+                return f"is held by a live run ({who}; {why}); wait for it to end, stop it"
+            # Of the newcomers that found this very hold, the one that links the first free claim takes it over.
+            prefix, n = f"{output_dir / HOLD_FILE}.takeover-{hashlib.sha256(key.encode()).hexdigest()[:16]}-", 1
+            while (claimed := _read(Path(f"{prefix}{n}"))) is not None and now - claimed[1] > CLAIM_STALE_S:
+                n += 1  # the claim of a newcomer that died in its takeover
+            if claimed is not None:  # a claim holds its claimant's record
+                return f"is being taken over by another run ({_describe(claimed)}); rerun to see which run holds it"
+            try:
+                os.link(tmp, f"{prefix}{n}")
+            except FileExistsError:
+                continue  # another newcomer claimed it first: look again
+            try:
+                if (current := _read(hold)) is not None and current[2] == key:  # still the hold we judged stale
+                    os.rename(tmp, hold)  # atomic: the folder is never without a hold, so no one slips in
+                    log.warning("job.output_dir: took over %s from a stale hold (%s): %s", output_dir, who, why)
+                    return None
+            finally:
+                for claim in range(1, n + 1):  # ours, and those of newcomers that died
+                    Path(f"{prefix}{claim}").unlink(missing_ok=True)
+        return f"is contended: other runs took and released it {ATTEMPTS} times while this one tried; wait for them"
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunHold(contextlib.AbstractContextManager):
+    """The hold of one run on its output folder; a context manager that releases it. `.held`: True on the process
+    that holds it; `.files`: the names in the folder that are the hold's, for outputs.check_output_dir(ignore=...)."""
 
     def __init__(self, output_dir: Path):
-        missing, existing = [], output_dir
-        while not existing.exists():
-            missing.append(existing)
-            existing = existing.parent
-        if not existing.is_dir():
-            raise UserError(f"job.output_dir: {existing} is a file, not a folder; choose another job.output_dir")
-        self.anchor = existing
-        st = os.stat(existing)
-        self.before = (st.st_atime_ns, st.st_mtime_ns)
-        self.mark = st.st_mtime_ns
-        self.foreign = False  # another process changed the anchor's entries while we worked
-        self.created: list[Path] = []
-        for folder in reversed(missing):
-            try:
-                self.change(folder.mkdir)
-                self.created.append(folder)
-            except FileExistsError:  # another newcomer made it a moment ago
-                if not folder.is_dir():
-                    raise UserError(
-                        f"job.output_dir: {folder} is a file, not a folder; choose another job.output_dir"
-                    ) from None
-            except OSError as error:
-                self.undo()
-                raise UserError(
-                    f"job.output_dir: cannot create {folder} ({error.strerror}); choose another job.output_dir"
-                ) from None
-
-    def _mtime(self) -> int | None:
-        try:
-            return os.stat(self.anchor).st_mtime_ns
-        except OSError:
-            return None
-
-    def change(self, operation):
-        """Runs an operation of ours on the folder's entries, noting whether someone else changed them before."""
-        if self._mtime() != self.mark:
-            self.foreign = True
-        try:
-            return operation()
-        finally:
-            self.mark = self._mtime()
-
-    def undo(self) -> None:
-        """Removes the folders we created (if empty) and restores the anchor's times if only we changed it."""
-        untouched = not self.foreign and self._mtime() == self.mark
-        for folder in reversed(self.created):
-            try:
-                folder.rmdir()
-            except OSError:  # the run wrote into it
-                return
-        if untouched:
-            try:
-                os.utime(self.anchor, ns=self.before)
-            except OSError:
-                pass
-
-
-class RunHold:
-    """The hold of one run on its output folder; a context manager that releases it.
-
-    `RunHold.take(output_dir)` (one process) or `RunHold.for_run(output_dir, is_main)` (every rank; rank 0
-    takes) -> a RunHold; `.release()`; `.files`: the names in the folder that are the hold's, for
-    outputs.check_output_dir(ignore=...); `.held`: True on the process that holds it.
-    """
-
-    def __init__(
-        self,
-        output_dir: Path,
-        token: str | None = None,
-        folder: _Folder | None = None,
-        heartbeat_s: float = HEARTBEAT_S,
-    ):
-        self.output_dir = Path(output_dir)
-        self.path = self.output_dir / HOLD_FILE
-        self.token = token
-        self.held = token is not None
-        self._folder = folder
-        self._heartbeat_s = heartbeat_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- taking ---------------------------------------------------------------------------------------------------
+        self.output_dir, self.path = Path(output_dir), Path(output_dir) / HOLD_FILE
+        self.token, self.held, self._stop = None, False, threading.Event()
 
     @classmethod
-    def take(
-        cls,
-        output_dir: Path,
-        *,
-        heartbeat_s: float = HEARTBEAT_S,
-        stale_after_s: float = STALE_AFTER_S,
-        claim_stale_s: float = CLAIM_STALE_S,
-    ) -> RunHold:
-        """Holds `output_dir` (created with its parents if missing) for this process, or raises UserError naming
-        the live holder. A stale hold is taken over with one warning. Starts the heartbeat."""
-        output_dir = Path(output_dir)
-        folder = _Folder(output_dir)
-        token = uuid.uuid4().hex
+    def take(cls, output_dir: Path, *, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S) -> RunHold:
+        """Holds `output_dir` (made if missing) for this process, or raises UserError naming the live holder."""
+        hold = cls(output_dir)
+        hold._created, hold._anchor = [], hold.output_dir  # the folders it creates (deepest first); the one it found
+        while not hold._anchor.exists():
+            hold._created.append(hold._anchor)
+            hold._anchor = hold._anchor.parent
+        if not hold._anchor.is_dir():
+            raise UserError(f"job.output_dir: {hold._anchor} is a file, not a folder; choose another job.output_dir")
+        st = os.stat(hold._anchor)
+        hold._names, hold._times = sorted(os.listdir(hold._anchor)), (st.st_atime_ns, st.st_mtime_ns)
         record = {
             **_machine(),
             "pid": os.getpid(),
-            "started": _now_iso(),
-            "token": token,
-            "proc_start": (_read_proc_stat(os.getpid()) or (None, None))[1],
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex,
+            "proc_start": (_proc_stat(os.getpid()) or (None, None))[1],
             "slurm_job": os.environ.get("SLURM_JOB_ID"),
         }
-        refusal = None
         try:
-            for _ in range(ATTEMPTS):
-                outcome = _Attempt(output_dir, folder, record, stale_after_s, claim_stale_s).run()
-                if outcome is True:
-                    refusal = None
-                    break
-                if isinstance(outcome, str):
-                    refusal = outcome
-                    break
-                if isinstance(outcome, _Busy):
-                    refusal = outcome.message
-                    time.sleep(TAKEOVER_WAIT_S)
-                else:
-                    refusal = (
-                        f"job.output_dir: {output_dir} is contended: other runs took and released it "
-                        f"{ATTEMPTS} times while this one tried; wait for them, or choose another "
-                        "job.output_dir"
-                    )
+            hold.output_dir.mkdir(parents=True, exist_ok=True)  # exist_ok: another newcomer may make it meanwhile
+            refusal = _take(hold.output_dir, record, stale_after_s)
         except OSError as error:
-            folder.undo()
+            hold._undo()
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # a full or failing disk, not a bad path
-                raise write_failed(output_dir / HOLD_FILE, error) from None
+                raise write_failed(hold.path, error) from None
             raise UserError(
-                f"job.output_dir: cannot write the hold {output_dir / HOLD_FILE} ({error.strerror}); "
-                "choose another job.output_dir"
+                f"job.output_dir: cannot write the hold {hold.path} ({error.strerror}); choose another job.output_dir"
             ) from None
         if refusal is not None:
-            folder.undo()
-            raise UserError(refusal)
-        hold = cls(output_dir, token, folder, heartbeat_s)
-        hold._thread = threading.Thread(target=hold._beat, name=f"hold-heartbeat {output_dir}", daemon=True)
+            hold._undo()
+            raise UserError(f"job.output_dir: {hold.output_dir} {refusal}, or choose another job.output_dir")
+        hold.token, hold.held = record["token"], True
+        hold._held_mtime = os.stat(hold._anchor).st_mtime_ns  # what the run changes when it writes there
+        hold._thread = threading.Thread(target=hold._beat, args=(heartbeat_s,), name=f"hold {output_dir}", daemon=True)
         hold._thread.start()
         return hold
 
     @classmethod
     def for_run(cls, output_dir: Path, is_main: bool, **take_args) -> RunHold:
-        """The hold for a whole run: `is_main` (global rank 0) takes it, then broadcasts the outcome over the
-        initialised process group, so that on a refusal every rank raises the same UserError (only rank 0 prints
-        it) and none waits for the others. The other ranks get a RunHold that holds nothing. Without a process
-        group of more than one rank this is `take` (or nothing, for `is_main=False`)."""
-        hold, error, message = None, None, None
+        """The hold of a whole run: `is_main` (global rank 0) takes it and tells the other ranks (which get a RunHold
+        holding nothing), so that on a refusal every rank raises the same UserError and none waits for the others."""
+        import torch.distributed as dist  # here: a single process taking a hold needs no torch
+
+        hold = failure = message = None
         if is_main:
             try:
                 hold = cls.take(output_dir, **take_args)
-            except Exception as failure:  # noqa: BLE001 - any failure must reach the other ranks
-                error = failure
-                message = (
-                    str(failure)
-                    if isinstance(failure, UserError)
-                    else (f"job.output_dir: rank 0 could not take the hold on {output_dir} ({failure!r})")
-                )
-        try:
-            message = _broadcast_from_main(message)
-        except BaseException:
-            if hold is not None:
-                hold.release()
-            raise
-        if error is not None:
-            raise error
+            except Exception as error:  # noqa: BLE001 - any failure must reach the other ranks
+                failure = error
+                message = str(error) if isinstance(error, UserError) else f"rank 0 could not take the hold ({error!r})"
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [message]
+            try:
+                dist.broadcast_object_list(box, src=0)
+            except BaseException:
+                if hold is not None:
+                    hold.release()
+                raise
+            message = box[0]
+        if failure is not None:
+            raise failure
         if message is not None:
             raise UserError(message)
         return hold if hold is not None else cls(output_dir)
 
-    # -- holding --------------------------------------------------------------------------------------------------
-
     @property
     def files(self) -> tuple[str, ...]:
         """The names in the output folder that belong to holds (ours, a racer's helper, a dead newcomer's)."""
-        try:
-            names = [entry.name for entry in os.scandir(self.output_dir) if is_hold_file(entry.name)]
-        except OSError:
-            names = []
-        return tuple(sorted({HOLD_FILE, *names}))
+        return tuple(sorted({HOLD_FILE, *filter(is_hold_file, os.listdir(self.output_dir))}))
 
-    def _beat(self) -> None:
-        failing = lost = False  # warn once per failure, and once when the hold is lost
-        while not self._stop.wait(self._heartbeat_s):
+    def _beat(self, heartbeat_s: float) -> None:
+        warned = None  # the trouble warned about last: one warning per trouble, not one per beat
+        while not self._stop.wait(heartbeat_s):
             try:
-                with open(self.path, "rb") as f:
-                    seen = json.loads(f.read())
-                    ours = isinstance(seen, dict) and seen.get("token") == self.token
-                    if ours:
-                        os.utime(f.fileno())  # "now", on NFS the server's clock
-            except FileNotFoundError:
-                ours, seen = False, None
-            except (OSError, ValueError) as error:
-                if not failing:
-                    log.warning(
-                        "hold %s: heartbeat failed (%s); retrying every %.0f s", self.path, error, self._heartbeat_s
-                    )
-                failing = True
-                continue
-            failing = False
-            if not ours and not lost:
-                holder = _Seen(seen, 0, "").describe() if isinstance(seen, dict) and "token" in seen else "nobody"
-                log.warning(
-                    "hold %s: lost, now held by %s; another run may write to %s", self.path, holder, self.output_dir
-                )
-            lost = not ours
+                seen = _read(self.path)
+                if seen is not None and seen[2] == self.token:
+                    os.utime(self.path)  # "now", on NFS the server's clock
+                    trouble = None
+                else:
+                    trouble = f"lost, now held by {_describe(seen)}; another run may write to {self.output_dir}"
+            except OSError as error:
+                trouble = f"heartbeat failed ({error.strerror}); retrying every {heartbeat_s:.0f} s"
+            if trouble is not None and trouble != warned:
+                log.warning("hold %s: %s", self.path, trouble)
+            warned = trouble
 
     def release(self) -> None:
-        """Stops the heartbeat and removes the hold if it still carries our token; a run that wrote nothing leaves
-        the folder as it found it. Idempotent; a no-op on a RunHold that holds nothing."""
+        """Stops the heartbeat, removes the hold if it still carries our token, undoes the folder if nothing was
+        written into it. A no-op on a RunHold that holds nothing (any more)."""
         if not self.held:
             return
         self.held = False
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        seen = _read_hold(self.path)
-        if seen is not None and seen.record is not None and seen.record["token"] == self.token:
-            self._folder.change(lambda: self.path.unlink(missing_ok=True))
+        self._thread.join(timeout=10)  # so that it touches no hold after ours is gone
+        with contextlib.suppress(OSError):
+            if os.stat(self._anchor).st_mtime_ns != self._held_mtime:
+                self._names = None  # the run (or another process) changed the folder's entries: its times stay
+        seen = _read(self.path)
+        if seen is not None and seen[2] == self.token:
+            self.path.unlink(missing_ok=True)
         else:
-            log.warning(
-                "hold %s: not ours any more at release (%s); left as it is",
-                self.path,
-                seen.describe() if seen else "removed",
-            )
-        self._folder.undo()
+            log.warning("hold %s: not ours any more at release (held by %s); left as it is", self.path, _describe(seen))
+        self._undo()
 
-    def __enter__(self) -> RunHold:
-        return self
+    def _undo(self) -> None:
+        """Removes the folders the hold made (if empty), and restores the times of the one it found if unchanged."""
+        for folder in filter(Path.exists, self._created):
+            try:
+                folder.rmdir()
+            except OSError:  # the run wrote into it
+                return
+        with contextlib.suppress(OSError):
+            if sorted(os.listdir(self._anchor)) == self._names:
+                os.utime(self._anchor, ns=self._times)
 
     def __exit__(self, *exc_info) -> None:
         self.release()
-
-    def __repr__(self) -> str:
-        return f"RunHold({str(self.output_dir)!r}, held={self.held})"
-
-
-def _broadcast_from_main(message: str | None) -> str | None:
-    """Rank 0's message on every rank, where a process group of several ranks is initialised."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return message
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@dataclass
-class _Busy:
-    """Another newcomer is taking over the stale hold (milliseconds): look again shortly, else refuse."""
-
-    message: str
-
-
-class _Attempt:
-    """One try at taking the hold: True (held), a refusal message, _Busy, or None (the folder changed: again)."""
-
-    def __init__(self, output_dir: Path, folder: _Folder, record: dict, stale_after_s: float, claim_stale_s: float):
-        self.dir, self.folder, self.record = output_dir, folder, record
-        self.hold = output_dir / HOLD_FILE
-        self.tmp = output_dir / f"{HOLD_FILE}.new-{record['token']}"
-        self.stale_after_s, self.claim_stale_s = stale_after_s, claim_stale_s
-
-    def run(self) -> bool | str | _Busy | None:
-        self.now = self.folder.change(self._write_tmp)  # its mtime: "now" on the clock that stamps the hold's
-        try:
-            if self._link(self.hold):
-                return True
-            seen = _read_hold(self.hold)
-            if seen is None:
-                return None  # released meanwhile
-            stale, why = _judge(seen, self.now, self.stale_after_s)
-            if not stale:
-                return (
-                    f"job.output_dir: {self.dir} is held by a live run ({seen.describe()}; {why}); wait for "
-                    "it to end, stop it, or choose another job.output_dir"
-                )
-            return self._take_over(seen, why)
-        finally:
-            self.folder.change(lambda: self.tmp.unlink(missing_ok=True))
-
-    def _write_tmp(self) -> float:
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, (json.dumps(self.record) + "\n").encode())
-            os.fsync(fd)
-            return os.fstat(fd).st_mtime
-        finally:
-            os.close(fd)
-
-    def _link(self, target: Path) -> bool:
-        """Links our record to `target`, atomically; False where the name exists."""
-        try:
-            self.folder.change(lambda: os.link(self.tmp, target))
-            return True
-        except FileExistsError:
-            pass
-        except OSError as error:
-            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-                raise
-            return self._create_exclusive(target)  # a filesystem without hard links
-        return self._ours(target)  # a lost NFS reply: EEXIST although our link was made (the name carries our token)
-
-    def _ours(self, target: Path) -> bool:
-        seen = _read_hold(target)
-        return seen is not None and seen.key == self.record["token"]
-
-    def _create_exclusive(self, target: Path) -> bool:
-        try:
-            fd = self.folder.change(lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, (json.dumps(self.record) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
-
-    def _take_over(self, stale: _Seen, why: str) -> bool | str | _Busy | None:
-        key = hashlib.sha256(stale.key.encode()).hexdigest()[:16]
-        prefix = f"{HOLD_FILE}.takeover-{key}-"
-        claims = sorted(
-            (int(entry.name[len(prefix) :]), entry.name)
-            for entry in os.scandir(self.dir)
-            if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
-        )
-        if claims:
-            last = _read_hold(self.dir / claims[-1][1])
-            if last is not None and self.now - last.mtime <= self.claim_stale_s:
-                return _Busy(
-                    f"job.output_dir: {self.dir} is being taken over by another run ({last.describe()}) "
-                    f"from a stale hold ({stale.describe()}); rerun to see which run holds it, or choose "
-                    "another job.output_dir"
-                )
-        claim = self.dir / f"{prefix}{claims[-1][0] + 1 if claims else 1}"
-        if not self._link(claim):
-            return None  # another newcomer claimed it first: look again
-        try:
-            current = _read_hold(self.hold)
-            if current is None or current.key != stale.key:
-                return None  # it changed since we judged it
-            try:  # replaces the stale hold atomically: the folder is never without a hold, so no one slips in
-                self.folder.change(lambda: os.rename(self.tmp, self.hold))
-            except FileNotFoundError:  # a lost NFS reply to a rename that worked
-                if not self._ours(self.hold):
-                    raise
-            log.warning("job.output_dir: took over %s from a stale hold (%s): %s", self.dir, stale.describe(), why)
-            return True
-        finally:
-            for path in (*(self.dir / name for _, name in claims), claim):
-                self.folder.change(lambda path=path: path.unlink(missing_ok=True))

@@ -21,24 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: find recipes/
 
 import torch  # noqa: E402
-from train_process import DEBUG_CONFIG, launch, train_env, worker_pids  # noqa: E402
+from train_process import debug_run, launch, train_env, worker_pids  # noqa: E402
 
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    "12",
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "2",
-    "--metrics.log_every",
-    "1",
-    "--checkpoint.interval",
-    "4",
-]  # W&B on (offline), as in the debug config: rank 0 then exits last
+# W&B on (offline), as in the debug config: rank 0 then exits last.
+RUN = debug_run(steps=12, warmup_steps=2, wandb=None, checkpoint_interval=4)
 
 
 def logged_steps(out: Path) -> int:

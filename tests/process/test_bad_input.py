@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from train_process import DEBUG_CONFIG, REPO, train_command
+from train_process import REPO, debug_run, train_command
 
 from recipes.config import Config, load_config, to_toml
 from recipes.errors import USER_ERROR_EXIT_CODE
@@ -29,24 +29,7 @@ from recipes.qwen3.hf import save_hf_checkpoint
 from recipes.qwen3.model import Qwen3Model, flavor_config
 
 # Two steps of the debug config, a checkpoint after each.
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    "2",
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "1",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "1",
-]
+RUN = debug_run(steps=2, warmup_steps=1, checkpoint_interval=1)
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d \[rank\d+\] ")
 
 

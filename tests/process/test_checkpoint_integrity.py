@@ -12,28 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_process import DEBUG_CONFIG, REPO, finish, launch
+from train_process import REPO, debug_run, finish, launch
 
 from recipes.checkpoint import MANIFEST, _MetadataUnpickler, complete_checkpoints
 
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "1",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "2",
-    "--checkpoint.keep",
-    "5",
-]
+RUN = debug_run(steps=None, warmup_steps=1, checkpoint_interval=2, checkpoint_keep=5)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from train_process import DEBUG_CONFIG, REPO, finish, launch
+from train_process import REPO, debug_run, finish, launch
 
 from recipes import checkpoint
 from recipes.build import model_shape
@@ -20,20 +20,7 @@ from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.qwen3.model import Qwen3Model, flavor_config
 
 EXPORT = REPO / "scripts" / "export_hf.py"
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    "3",
-    "--training.seq_len",
-    "32",
-    "--metrics.wandb",
-    "false",
-    "--metrics.log_every",
-    "1",
-    "--checkpoint.interval",
-    "2",
-]
+RUN = debug_run(steps=3, seq_len=32, local_batch_size=None, checkpoint_interval=2)
 
 
 def untied_hf_folder(path):

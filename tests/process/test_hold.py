@@ -287,6 +287,11 @@ def test_an_existing_folder_keeps_its_bytes_and_mtimes_when_the_run_wrote_nothin
     with RunHold.take(tmp_path):
         (tmp_path / "metrics.jsonl").write_text("")
     assert tmp_path.stat().st_mtime_ns != 1_000_000_000  # the run's own change is kept
+    os.utime(tmp_path, ns=(1_000_000_000, 1_000_000_000))
+    with RunHold.take(tmp_path):
+        (tmp_path / "notes.new").write_text("rewritten")
+        os.replace(tmp_path / "notes.new", tmp_path / "notes.txt")  # rewritten atomically: the same names as before
+    assert tmp_path.stat().st_mtime_ns != 1_000_000_000  # kept too
 
 
 def test_a_path_through_a_file_is_refused_like_check_output_dir(tmp_path):

@@ -6,32 +6,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from train_process import DEBUG_CONFIG, finish, launch
+from train_process import debug_run, finish, launch
 
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.run.runs import read_metrics
 
 STEPS = 4
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    str(STEPS),
-    "--training.seq_len",
-    "32",
-    "--training.local_batch_size",
-    "1",
-    "--optimizer.warmup_steps",
-    "2",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "2",
-    "--checkpoint.keep",
-    "5",
-]
+RUN = debug_run(steps=STEPS, seq_len=32, local_batch_size=1, warmup_steps=2, checkpoint_interval=2, checkpoint_keep=5)
 LAYOUTS = {"fsdp": ["--parallel.replicate", "1"], "hsdp": ["--parallel.replicate", "2"]}
 
 

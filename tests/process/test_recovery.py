@@ -14,30 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from train_process import DEBUG_CONFIG, finish, launch
+from train_process import debug_run, finish, launch
 
 from recipes.errors import IO_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 from recipes.run.outputs import CONFIG_HISTORY
 
 STEPS = 12
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    str(STEPS),
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "2",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "4",
-]
+RUN = debug_run(steps=STEPS, warmup_steps=2, checkpoint_interval=4)
 
 
 def losses(out: Path) -> list[float]:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
-from train_process import DEBUG_CONFIG, finish, launch, worker_pids
+from train_process import debug_run, finish, launch, worker_pids
 
 from recipes.checkpoint import MANIFEST, complete_checkpoints, load_model_weights
 from recipes.errors import NONFINITE_EXIT_CODE
@@ -36,26 +36,7 @@ from recipes.run.runs import load_run
 
 STEPS = 16
 # The debug config shortened: 16 steps of 2 ranks x 2 rows x 64 tokens, a checkpoint every 4 steps, all kept.
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    str(STEPS),
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "2",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "4",
-    "--checkpoint.keep",
-    "5",
-]
+RUN = debug_run(steps=STEPS, warmup_steps=2, checkpoint_interval=4, checkpoint_keep=5)
 API_KEY = "0123456789abcdef" * 2 + "fedcba98"  # W&B keys are 40 characters
 
 

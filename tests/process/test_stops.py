@@ -10,26 +10,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from train_process import DEBUG_CONFIG, REPO, TORCHRUN, finish, launch
+from train_process import REPO, TORCHRUN, debug_run, finish, launch
 
 from recipes.checkpoint import complete_checkpoints
 from recipes.errors import PREEMPTED_EXIT_CODE
 
 # Steps of a few tenths of a second on 2 cores, so that two Ctrl-Cs 0.1 s apart land in the same step.
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    "400",
-    "--training.seq_len",
-    "256",
-    "--training.local_batch_size",
-    "8",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-]
+RUN = debug_run(steps=400, seq_len=256, local_batch_size=8)
 
 
 def started(out: Path, process, steps: int = 2) -> None:
@@ -71,24 +58,7 @@ def test_sigterm_to_torchrun_in_a_step_longer_than_its_grace_period_checkpoints_
     12 s each (tests/process/train_slow.py), a step signalled at its start ends after that; the ranks agree between
     micro-batches to abandon it, save the step before and exit 75 in time, and the hold is released."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    args = [
-        "--config",
-        str(DEBUG_CONFIG),
-        "--training.steps",
-        "4",
-        "--training.seq_len",
-        "64",
-        "--training.local_batch_size",
-        "3",
-        "--training.grad_accum_steps",
-        "3",
-        "--metrics.log_every",
-        "1",
-        "--metrics.wandb",
-        "false",
-        "--job.output_dir",
-        str(out),
-    ]
+    args = debug_run("--training.grad_accum_steps", "3", "--job.output_dir", str(out), steps=4, local_batch_size=3)
     with open(log, "w") as output:
         torchrun = subprocess.Popen(
             [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "tests/process/train_slow.py", "12", *args],

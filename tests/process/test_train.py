@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_process import DEBUG_CONFIG, REPO, finish, launch
+from train_process import DEBUG_CONFIG, REPO, debug_run, finish, launch
 
 from recipes.config import load_config, to_toml
 from recipes.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
@@ -23,30 +23,14 @@ from recipes.run.runs import load_run, read_metrics
 
 STEPS = 20
 # The debug config (fp32, document mask, seed 0), shortened: 20 steps of 4 x 64 tokens, checkpoints every 5 steps.
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    str(STEPS),
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "4",
-    "--optimizer.warmup_steps",
-    "2",
-    "--metrics.log_every",
-    "1",
-    "--metrics.wandb",
-    "false",
-    "--checkpoint.interval",
-    "5",
-    "--checkpoint.keep",
-    "5",
-    "--eval.interval",
-    "5",
-    "--eval.batches",
-    "2",
-]
+RUN = debug_run(
+    *["--eval.interval", "5", "--eval.batches", "2"],
+    steps=STEPS,
+    local_batch_size=4,
+    warmup_steps=2,
+    checkpoint_interval=5,
+    checkpoint_keep=5,
+)
 BACKENDS = ("sdpa", "flex", "varlen")
 
 

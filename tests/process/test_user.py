@@ -15,45 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from train_process import DEBUG_CONFIG, REPO, finish, launch
+from train_process import REPO, debug_run, finish, launch
 
 from recipes.errors import USER_ERROR_EXIT_CODE
 from recipes.run.runs import read_metrics
 
 STEPS = 6
 # Warmup longer than the run: torchtitan warns "Warmup steps exceed total steps" on every rank.
-RUN = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.steps",
-    str(STEPS),
-    "--training.seq_len",
-    "32",
-    "--training.local_batch_size",
-    "2",
-    "--optimizer.warmup_steps",
-    "10",
-    "--metrics.log_every",
-    "2",
-    "--checkpoint.interval",
-    "2",
-    "--checkpoint.keep",
-    "5",
-    "--eval.interval",
-    "3",
-    "--eval.batches",
-    "1",
-    "--metrics.wandb",
-    "true",
-    "--metrics.tensorboard",
-    "true",
-    "--checkpoint.export_hf",
-    "true",
-    "--eval.sample_every",
-    "3",
-    "--eval.sample_prompt",
-    "def main(",
-]
+RUN = debug_run(
+    *["--eval.interval", "3", "--eval.batches", "1", "--metrics.tensorboard", "true", "--checkpoint.export_hf", "true"],
+    *["--eval.sample_every", "3", "--eval.sample_prompt", "def main("],
+    steps=STEPS,
+    seq_len=32,
+    warmup_steps=10,
+    log_every=2,
+    wandb=True,
+    checkpoint_interval=2,
+    checkpoint_keep=5,
+)
 TOKENS_PER_STEP = 2 * 2 * 32  # processes x local batch x seq_len
 
 

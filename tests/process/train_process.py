@@ -37,6 +37,34 @@ def train_env(cache: Path, wandb_home: Path) -> dict:
     }
 
 
+def debug_run(
+    *more: str,
+    steps: int | None,
+    seq_len: int = 64,
+    local_batch_size: int | None = 2,
+    warmup_steps: int | None = None,
+    log_every: int = 1,
+    wandb: bool | None = False,
+    checkpoint_interval: int | None = None,
+    checkpoint_keep: int | None = None,
+) -> list[str]:
+    """train.py's arguments for a short run of the debug config: `steps` of `local_batch_size` rows of `seq_len`
+    tokens, a metrics row every `log_every` steps, W&B off, then `more`. A setting given as None is left to the
+    config."""
+    overrides = {
+        "training.steps": steps,
+        "training.seq_len": seq_len,
+        "training.local_batch_size": local_batch_size,
+        "optimizer.warmup_steps": warmup_steps,
+        "metrics.log_every": log_every,
+        "metrics.wandb": None if wandb is None else str(wandb).lower(),
+        "checkpoint.interval": checkpoint_interval,
+        "checkpoint.keep": checkpoint_keep,
+    }
+    given = [item for field, value in overrides.items() if value is not None for item in (f"--{field}", str(value))]
+    return ["--config", str(DEBUG_CONFIG), *given, *more]
+
+
 def train_command(args: list[str], nproc: int = 1, max_restarts: int = 0) -> list[str]:
     if nproc == 1 and not max_restarts:
         return [sys.executable, "train.py", *args]

@@ -308,7 +308,7 @@ def test_read_metrics_names_the_bad_line(tmp_path):
 
 
 FALSE_ALARMS = Path(__file__).resolve().parents[2] / "docs" / "results" / "cpu" / "proof_false_alarms.json"
-HONEST_PROOFS = 15  # measured so far; issue 17 asks for at least 20 honest CPU proofs over different seeds
+HONEST_PROOFS = 20  # issue 17: at least 20 honest CPU proofs over different seeds
 
 
 def test_the_measured_honest_cpu_proofs_all_agree():
