@@ -8,7 +8,8 @@
 #   AB_CASES="varlen-document-8192-compile-fa4 ..." AB_EXTRA="varlen-document-8192-compile-fa4-f=1.7B" \
 #     bash benchmarks/gpu_ab.sh WHEELS_DIR QWEN3_TOKENIZER_DIR TREE_A TREE_B [DEST]
 # Writes DEST/{a,b}-CASE.json (benchmark.py's), DEST/{a,b}-CASE-{gaps.json,kernels.txt}, DEST/torchtitan.json and
-# DEST/ab.md (the table, with the GPU's idle ms per step).
+# DEST/ab.md (the table, with the GPU's idle ms per step), and all of it packed as DEST.tgz (a device call brings
+# back only a few files).
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -u
 start=$SECONDS
@@ -68,4 +69,5 @@ if titan:
 (dest / "ab.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+tar czf "$dest.tgz" -C "$(dirname "$dest")" "$(basename "$dest")"
 echo "== done in $((SECONDS - start)) s"

@@ -1,7 +1,7 @@
 """Where the GPU waits: reads a torch.profiler Chrome trace (train.py writes one with [metrics] profile = true, in
 <output_dir>/profile/trace.json) and reports the time per step no kernel or copy ran, the gaps by size, and what the
-host thread that launches the work was doing while the GPU waited (the CPU ops overlapping the gaps, outermost and
-innermost).
+threads that launch the work (the main one, and autograd's backward thread) were doing while the GPU waited: the CPU
+ops running through each piece of the gaps, outermost and innermost, per thread (so rows may add up past the gaps).
 
     python benchmarks/gpu_gaps.py outputs/run/profile/trace.json [--min-gap-us 20] [--json OUT]
 """
@@ -40,17 +40,15 @@ def analyse(trace: dict, min_gap_us: float) -> dict:
         for e in events
         if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")
     )
-    # the thread that launches kernels is the one with the most cuda_runtime time
-    launch_time: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("cat") == "cuda_runtime":
-            launch_time[(e["pid"], e["tid"])] += e["dur"]
-    main_thread = launch_time.most_common(1)[0][0]
+    # The threads that launch work: the main one (it carries the ProfilerStep marks) and autograd's backward thread.
+    launchers = {(e["pid"], e["tid"]) for e in events if e.get("cat") == "cuda_runtime"}
+    marked = {(e["pid"], e["tid"]) for e in events if e["name"].startswith("ProfilerStep#")}
+    tag = {thread: "main" if thread in marked else f"thread {thread[1]}" for thread in launchers}
     host = sorted(
-        (e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat"))
+        (e["ts"], e["ts"] + e["dur"], e["name"], tag[(e["pid"], e["tid"])])
         for e in events
         if e.get("cat") in HOST_CATEGORIES
-        and (e["pid"], e["tid"]) == main_thread
+        and (e["pid"], e["tid"]) in launchers
         and not e["name"].startswith("ProfilerStep#")
     )
     host_starts = [h[0] for h in host]
@@ -64,13 +62,15 @@ def analyse(trace: dict, min_gap_us: float) -> dict:
         hi = bisect.bisect_right(host_starts, gap[1])
         active = [h for h in host[lo:hi] if overlap(gap, h[:2]) > 0]
         cuts = sorted({gap[0], gap[1], *(t for h in active for t in h[:2] if gap[0] < t < gap[1])})
-        for piece in zip(cuts, cuts[1:]):  # each piece of the gap goes to the ops running all through it
+        for piece in zip(cuts, cuts[1:]):  # each piece of the gap goes to the ops running all through it, per thread
+            length = piece[1] - piece[0]
             running = [h for h in active if h[0] <= piece[0] and h[1] >= piece[1]]
-            if running:
-                outer[min(running, key=lambda h: (h[0], -h[1]))[2]] += piece[1] - piece[0]
-                inner[max(running, key=lambda h: (h[0], -h[1]))[2]] += piece[1] - piece[0]
-            else:
-                outer["(host idle or in another thread)"] += piece[1] - piece[0]
+            for thread in {h[3] for h in running}:
+                mine = [h for h in running if h[3] == thread]
+                outer[f"[{thread}] {min(mine, key=lambda h: (h[0], -h[1]))[2]}"] += length
+                inner[f"[{thread}] {max(mine, key=lambda h: (h[0], -h[1]))[2]}"] += length
+            if not running:
+                outer["(no launching thread in an op)"] += length
     sizes = collections.Counter()
     for start, end in gaps:
         us = end - start
