@@ -52,6 +52,21 @@ Every key is explained in docs/config.md.
 KILL_GRACE_S = 30.0
 
 
+class StepTimes:
+    """How long this run's steps take, the same on every rank: once over a third of KILL_GRACE_S, the ranks agree
+    between micro-batches whether one was signalled. A step's time is its wall time up to its statistics being read
+    back: on a GPU the host launches ahead of the work, so the time it spends launching says little. That time enters
+    the next step's all-reduce (one step late), beside the host's own time of the step in progress."""
+
+    def __init__(self):
+        self.last_wall = 0.0  # this rank's previous step
+        self.agreed = 0.0  # averaged over ranks, from the last all-reduce
+
+    @property
+    def long(self) -> bool:
+        return self.agreed > KILL_GRACE_S / 3
+
+
 class StepAbandoned(Exception):
     """All ranks stopped a step between micro-batches, on a signal: nothing of it was applied."""
 
@@ -149,7 +164,7 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
     with timed("model: building"):
         model = build.build_model(shape, t, config.model.init_from, device, mesh)
     log.info(startup.model_line(config, model, shape, tokenizer, dist_))
-    optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps, device)
+    optimizer, scheduler = optim.build_optimizer(model, config.optimizer, t.steps)
     folder, _, superseded = resume
     start_step = checkpoint.load(folder, model, optimizer, scheduler, loader, t.steps) if folder else 0
     if start_step:
@@ -184,20 +199,19 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
         "training steps %d to %d; the first step compiles and warms up, so it takes longer", start_step + 1, t.steps
     )
     train_start = time.perf_counter()
-    step, long_steps = start_step, False
+    step, times = start_step, StepTimes()
     try:
         for step in range(start_step + 1, t.steps + 1):
             position = loader.state_dict()  # where this step's batch begins, should the step be abandoned
             batch = next(loader)
             throughput.add(batch)
             try:
-                loss, grad_norm, preempted, seconds = train_step(
-                    model, batch, optimizer, scheduler, step, t, device, preemption, long_steps
+                loss, grad_norm, preempted = train_step(
+                    model, batch, optimizer, scheduler, step, t, device, preemption, times
                 )
             except StepAbandoned:
                 loader.load_state_dict(position)  # the resumed run starts with this step's batch
                 return stop_preempted(step - 1, abandoned=step)
-            long_steps = seconds > KILL_GRACE_S / 3
             if step == start_step + 1:
                 log.info("first step: done in %.1f s", time.perf_counter() - train_start)
             if profiler is not None:
@@ -246,28 +260,20 @@ def train(config, dist_: parallel.Distributed, output_dir: Path, saved, resume, 
 
 
 def train_step(
-    model,
-    batch,
-    optimizer,
-    scheduler,
-    step: int,
-    t,
-    device: torch.device,
-    preemption: PreemptionFlag,
-    agree_between_micro_batches: bool,
-) -> tuple[float, float, bool, float]:
+    model, batch, optimizer, scheduler, step: int, t, device: torch.device, preemption: PreemptionFlag, times: StepTimes
+) -> tuple[float, float, bool]:
     """One optimizer step on this rank's rows of a global batch: forward and backward micro-batch by micro-batch
     (gradients reduced once, after the last), clip, then the optimizer's step unless the loss or grad norm is not
     finite (decided on the device). Returns the step's loss (the mean over every counted label of the global batch),
-    the grad norm, whether any rank was asked to stop, and the step's seconds (the same on every rank), read while
-    the GPU runs the optimizer's step: the host never waits for it, so the next step's launches queue behind it.
-    With `agree_between_micro_batches`, the ranks also agree before each further micro-batch whether one was
-    signalled, and if so raise StepAbandoned."""
+    the grad norm and whether any rank was asked to stop, the same on every rank. The host waits once, for these
+    numbers, after launching the optimizer's step, so the next step's work queues behind it. Once `times` says steps
+    are long, the ranks also agree before each further micro-batch whether one was signalled, and if so raise
+    StepAbandoned."""
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     micro_batches = batch.split(t.local_batch_size // t.grad_accum_steps)
     for micro, mb in enumerate(micro_batches):
-        if micro and agree_between_micro_batches and parallel.any_rank(preemption.signal_name is not None, device):
+        if micro and times.long and parallel.any_rank(preemption.signal_name is not None, device):
             optimizer.zero_grad(set_to_none=True)
             raise StepAbandoned
         model.set_requires_gradient_sync(micro == len(micro_batches) - 1)  # reduce once per step
@@ -277,11 +283,13 @@ def train_step(
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = parallel.clip_grad_norm(model, t.max_grad_norm)
-    stats = parallel.StepStats(loss_sum, grad_norm, preemption.signal_name is not None, time.perf_counter() - start)
+    seconds = max(time.perf_counter() - start, times.last_wall)
+    stats = parallel.StepStats(loss_sum, grad_norm, preemption.signal_name is not None, seconds)
     optim.step_unless_nonfinite(optimizer, stats.values[:2])
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    loss_value, grad_norm_value, preempted, seconds = stats.read()  # while the GPU runs the optimizer's step
+    loss_value, grad_norm_value, preempted, times.agreed = stats.read()  # while the GPU runs the optimizer's step
+    times.last_wall = time.perf_counter() - start
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
         message = f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}"
         if not t.skip_nonfinite:
@@ -290,7 +298,7 @@ def train_step(
                 "training.skip_nonfinite=true to skip such steps"
             )
         log.warning("%s: step skipped (training.skip_nonfinite)", message)
-    return loss_value, grad_norm_value, preempted, seconds
+    return loss_value, grad_norm_value, preempted
 
 
 def run(argv: list[str]) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B of two trees of this repository in one device call, case by case and interleaved (A, B, A, B, ...), since the
+# A/B of two trees of this repository in one device call, case by case, alternating (A B, B A, ...), since the
 # same case differs ~6% between calls on one card (docs/results.md section 5): benchmarks/benchmark.py of each tree,
 # Qwen3-0.6B by default, medians of steps 10-15, each run profiled over steps 7-9 with where its GPU waits
 # (benchmarks/gpu_gaps.py). Then, on tree B: EXTRA cases alone (e.g. other flavors), and torchtitan 0.2.2's Trainer
@@ -35,9 +35,13 @@ bench() {  # TREE NAME CASE: one benchmark.py run of CASE on TREE, profiled; DES
     && python3 benchmarks/gpu_gaps.py "$profile/trace.json" --json "$dest/$name-gaps.json" > /dev/null
   echo "$name: $(tail -1 "$dest/$name.log")"
 }
-for case in $cases; do
-  bench "$tree_a" "a-$case" "$case"
-  bench "$tree_b" "b-$case" "$case"
+first=a
+for case in $cases; do  # A then B, then B then A for the next case: neither tree always runs on the warmer card
+  if [ $first = a ]; then
+    bench "$tree_a" "a-$case" "$case"; bench "$tree_b" "b-$case" "$case"; first=b
+  else
+    bench "$tree_b" "b-$case" "$case"; bench "$tree_a" "a-$case" "$case"; first=a
+  fi
 done
 for case in $extra; do bench "$tree_b" "b-$case" "$case"; done
 [ "$(left)" -gt 60 ] && timeout "$(left)" python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 15 \

@@ -7,7 +7,7 @@ import torch
 from recipes.config import OptimizerConfig
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, steps: int, device: torch.device):
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, steps: int):
     """AdamW over the (sharded) parameters and its LambdaLR: linear warmup, then cosine, linear or sqrt decay to
     lr * min_lr_ratio at the last step."""
     from torchtitan.components.lr_scheduler import build_lr_schedulers

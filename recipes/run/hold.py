@@ -60,21 +60,25 @@ def _machine() -> dict:
     return here
 
 
-def _read(path: Path) -> tuple[dict | None, float, str] | None:
+def _read(path: Path, touch_if: str | None = None) -> tuple[dict | None, float, str] | None:
     """(record or None where unreadable, mtime, key naming this very hold) of a hold file; None where there is none.
-    Opened before its stat: on NFS the open revalidates the cached attributes, so the mtime is the server's."""
+    Opened before its stat: on NFS the open revalidates the cached attributes, so the mtime is the server's. With
+    `touch_if`, a hold carrying that token gets its mtime set to "now" through the same descriptor: the file read,
+    never one renamed over it meanwhile."""
     try:
         with open(path, "rb") as f:
             data, st = f.read(), os.fstat(f.fileno())
+            try:
+                record = json.loads(data)
+            except ValueError:
+                record = None
+            valid = isinstance(record, dict) and isinstance(record.get("token"), str)
+            if not (valid and isinstance(record.get("pid"), int) and record["pid"] > 0):
+                record = None
+            if touch_if is not None and record is not None and record["token"] == touch_if:
+                os.utime(f.fileno())  # "now", on NFS the server's clock
     except FileNotFoundError:
         return None
-    try:
-        record = json.loads(data)
-    except ValueError:
-        record = None
-    valid = isinstance(record, dict) and isinstance(record.get("token"), str) and isinstance(record.get("pid"), int)
-    if not (valid and record["pid"] > 0):
-        record = None
     return record, st.st_mtime, record["token"] if record else f"inode-{st.st_ino}-{st.st_size}"
 
 
@@ -113,7 +117,9 @@ def _take(output_dir: Path, record: dict, stale_after_s: float) -> str | None:
     """Makes `record` the hold of `output_dir`: None once held, else why not and what to do."""
     hold, tmp = output_dir / HOLD_FILE, output_dir / f"{HOLD_FILE}.new-{record['token']}"
     try:
-        tmp.write_bytes((json.dumps(record) + "\n").encode())
+        with open(tmp, "wb") as f:  # fsynced: after a crash the hold is complete, not an empty file
+            f.write((json.dumps(record) + "\n").encode())
+            os.fsync(f.fileno())
         now = tmp.stat().st_mtime  # "now" on the clock that stamps the hold's mtime
         for _ in range(ATTEMPTS):
             with contextlib.suppress(FileExistsError):
@@ -122,6 +128,8 @@ def _take(output_dir: Path, record: dict, stale_after_s: float) -> str | None:
             if (seen := _read(hold)) is None:
                 continue  # released meanwhile
             holder, mtime, key = seen
+            if key == record["token"]:  # our link worked, its reply was lost (an NFS retransmit answers EEXIST)
+                return None
             stale, why = _stale(holder, max(0.0, now - mtime), stale_after_s)
             who = _describe(seen)
             if not stale:
@@ -227,15 +235,17 @@ class RunHold(contextlib.AbstractContextManager):
     @property
     def files(self) -> tuple[str, ...]:
         """The names in the output folder that belong to holds (ours, a racer's helper, a dead newcomer's)."""
-        return tuple(sorted({HOLD_FILE, *filter(is_hold_file, os.listdir(self.output_dir))}))
+        names: list[str] = []
+        with contextlib.suppress(OSError):  # a rank whose view of the folder lacks it yet
+            names = os.listdir(self.output_dir)
+        return tuple(sorted({HOLD_FILE, *filter(is_hold_file, names)}))
 
     def _beat(self, heartbeat_s: float) -> None:
         warned = None  # the trouble warned about last: one warning per trouble, not one per beat
         while not self._stop.wait(heartbeat_s):
             try:
-                seen = _read(self.path)
+                seen = _read(self.path, touch_if=self.token)
                 if seen is not None and seen[2] == self.token:
-                    os.utime(self.path)  # "now", on NFS the server's clock
                     trouble = None
                 else:
                     trouble = f"lost, now held by {_describe(seen)}; another run may write to {self.output_dir}"
