@@ -97,7 +97,11 @@ def main() -> None:
     parser.add_argument("--min-gap-us", type=float, default=20.0, help="shorter gaps are launch latency (default 20)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
+    if not args.trace.is_file():
+        parser.exit(2, f"gpu_gaps.py: {args.trace} is not a file; give the trace.json a profiled run wrote\n")
     report = analyse(json.loads(args.trace.read_text()), args.min_gap_us)
+    if report["gpu_busy_ms_per_step"] == 0:
+        parser.exit(2, f"gpu_gaps.py: {args.trace} has no GPU kernels; profile a run on a GPU\n")
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
