@@ -36,6 +36,15 @@ def _join(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
+def _leave() -> None:
+    """Ends a worker as train.run ends: the process group's gloo threads can outlive destroy_process_group and abort
+    the interpreter's finalization (SIGABRT, seen on torch 2.14.1), so the worker leaves without finalizing."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _full_state(model) -> dict[str, torch.Tensor]:
     return {
         name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
@@ -62,7 +71,7 @@ def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str,
         logits = model(tokens)  # every rank the same rows: FSDP gathers each block's shards for the forward
     if rank == 0:
         torch.save({**facts, "tokens": tokens, "logits": logits}, out)
-    dist.destroy_process_group()
+    _leave()
 
 
 def build_in_processes(tmp_path: Path, world: int, init_from: str = "", tied: bool = True, ac: str = "none") -> dict:
@@ -134,7 +143,7 @@ def _adamw_steps(rank: int, world: int, store: str, out: str) -> None:
         results["dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_fused_adamw_steps_dtensor_shards_as_foreach_does(tmp_path):
@@ -197,7 +206,7 @@ def _build_32b(rank: int, world: int, store: str, out: str) -> None:
             },
             out,
         )
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_the_32b_flavor_builds_and_shards_without_memory(tmp_path):

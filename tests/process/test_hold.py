@@ -316,6 +316,7 @@ def test_check_output_dir_accepts_a_folder_a_killed_run_created(tmp_path):
 
 
 FOR_RUN = textwrap.dedent("""
+    import os
     import sys
     from pathlib import Path
     import torch.distributed as dist
@@ -332,6 +333,7 @@ FOR_RUN = textwrap.dedent("""
             except UserError as error:
                 print(f"rank{rank} refused {error}", file=report)
     dist.destroy_process_group()
+    os._exit(0)  # as train.run leaves: gloo's threads may outlive the group and abort the interpreter's finalization
 """)
 
 
