@@ -5,11 +5,16 @@
   against bf16 is the lever's decision (it is kept only at >= 1.1x).
 - adamw: the optimizer step of the flavor's whole model, FSDP2-sharded at world size 1 (DTensor parameters, as in
   training), fused against foreach.
+- attention: one layer's varlen document attention, forward + backward, on the same packed documents: FA4 with its
+  native GQA (K/V heads shared; its backward then sums dK/dV over the query heads of a group in float32 buffers
+  with atomics, and a postprocess), FA4 on K/V repeated to every query head (autograd sums the repeats' gradients),
+  and torch's varlen_attn. Also the host's time to launch one call, the part that binds when the GPU runs ahead.
 
 Medians of CUDA-event times after warm-up. Run on the GPU machine:
 
     python benchmarks/levers.py --parts blocks,adamw --out results/levers.json
     python benchmarks/levers.py --parts blocks --flavor 1.7B --variants bf16,fp8
+    python benchmarks/levers.py --parts attention --flavor 0.6B --tokens 24576
     python benchmarks/levers.py --device cpu --flavor debug --tokens 256 --blocks 1 --repeats 2 --eager  # CPU smoke
 """
 
@@ -33,6 +38,7 @@ from recipes.qwen3.attention import build_backend  # noqa: E402
 from recipes.qwen3.model import TransformerBlock, flavor_config, rope_cache  # noqa: E402
 
 VARIANTS = ("bf16", "fp8")  # the blocks' matmuls in bfloat16, or in float8 (training.float8)
+ATTENTION_VARIANTS = ("fa4", "fa4-repeat-kv", "torch")
 
 
 def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -46,6 +52,12 @@ def document_starts(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
         length = torch.empty(1).log_normal_(mean=6.55, std=1.0, generator=generator).item()
         position += max(1, int(length))
     return starts.view(rows, seq)
+
+
+def packed_shape(args) -> tuple[int, int]:
+    """(rows, seq): --tokens in rows of --seq-len (one shorter row when there are fewer tokens)."""
+    seq = min(args.seq_len, args.tokens)
+    return args.tokens // seq, seq
 
 
 def median_ms(timer: Timer, fn, warmup: int, repeats: int) -> float:
@@ -67,7 +79,7 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     if not args.eager:
         for block in blocks:
             block.compile(fullgraph=True)
-    rows, seq = 2, args.tokens // 2
+    rows, seq = packed_shape(args)
     rope = rope_cache(config.head_dim, seq, config.rope_theta, device=device)
     meta = backend.attention_meta(document_starts(rows, seq), device)
     x = torch.randn(rows, seq, config.dim, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -96,6 +108,54 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     }
 
 
+def attention_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
+    if variant not in ATTENTION_VARIANTS:
+        raise SystemExit(f"levers.py: attention variant {variant!r} is not one of {', '.join(ATTENTION_VARIANTS)}")
+    config = flavor_config(args.flavor)
+    backend = build_backend("varlen", "document", "torch" if variant == "torch" else "fa4")
+    rows, seq = packed_shape(args)
+    meta = backend.attention_meta(document_starts(rows, seq), device)
+    torch.manual_seed(0)
+    shape = (rows, seq, config.n_heads, config.head_dim)
+    q = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(
+            shape[:2] + (config.n_kv_heads, config.head_dim), device=device, dtype=torch.bfloat16, requires_grad=True
+        )
+        for _ in range(2)
+    )
+    grad = torch.randn_like(q)
+    group = config.n_heads // config.n_kv_heads
+
+    def call():
+        kv = (k, v) if variant != "fa4-repeat-kv" else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))
+        backend(q, *kv, meta, config.head_dim**-0.5).backward(grad)
+
+    started = time.perf_counter()
+    call()  # compiles the kernels
+    first_s = time.perf_counter() - started
+    ms = median_ms(timer, call, args.warmup, args.repeats)
+    host = []
+    for _ in range(args.repeats):  # launch `calls` in a row while the GPU is still busy with the first ones
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.calls):
+            call()
+        host.append((time.perf_counter() - started) * 1e3 / args.calls)
+    return {
+        "part": "attention",
+        "flavor": args.flavor,
+        "variant": variant,
+        "tokens": rows * seq,
+        "documents": len(meta.cu_seqlens) - 1,
+        "max_seqlen": meta.max_seqlen,
+        "ms": ms,
+        "host_ms_per_call": statistics.median(host),
+        "first_call_s": first_s,
+    }
+
+
 def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
     """The optimizer step over the flavor's whole model as train.py builds it (FSDP2 DTensors)."""
     parallel.init_distributed()
@@ -116,12 +176,17 @@ def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw")
+    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw, attention")
     parser.add_argument("--flavor", default="4B", help="the blocks' flavor")
     parser.add_argument("--adamw-flavor", default="0.6B")
     parser.add_argument("--variants", default="bf16,fp8", help="comma-separated block variants: bf16, fp8")
+    parser.add_argument(
+        "--attention-variants", default=",".join(ATTENTION_VARIANTS), help="comma-separated: fa4, fa4-repeat-kv, torch"
+    )
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens a step, in two packed rows")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens a step, in packed rows of --seq-len")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--calls", type=int, default=28, help="attention: calls launched in a row for the host time")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants.split(","):
             record([blocks_case(args, variant, device, timer)])
             torch.compiler.reset()
+    if "attention" in parts:
+        for variant in args.attention_variants.split(","):
+            record([attention_case(args, variant, device, timer)])
     if "adamw" in parts:
         record(adamw_case(argparse.Namespace(**{**vars(args), "flavor": args.adamw_flavor}), device, timer))
-    print("\n| part | flavor | variant | ms |\n|---|---|---|---|")
+    print("\n| part | flavor | variant | ms | host ms a call |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['part']} | {row['flavor']} | {row['variant']} | {row['ms']:.2f} |")
+        host = f"{row['host_ms_per_call']:.2f}" if "host_ms_per_call" in row else ""
+        print(f"| {row['part']} | {row['flavor']} | {row['variant']} | {row['ms']:.2f} | {host} |")
     return 0
 
 

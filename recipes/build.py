@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -116,11 +117,19 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMes
     Gradients are summed over ranks, not averaged: each rank's loss is already its part of the mean over the whole
     step's labels (loss.mean_loss), so the sum is the mean's gradient and no world size enters. A divide factor of
     1 with sum-only collectives is a plain SUM reduce-scatter (no PREMUL_SUM, which gloo lacks).
+
+    A block's gathered parameters are freed after its forward and gathered again for its backward only where a
+    shard group has several ranks: with one, the gather is a copy in param_dtype, and keeping those copies (2 bytes a
+    parameter in bf16) costs less than copying them again. They then stay gathered after a forward without backward
+    (evaluation) until the next backward or state dict, so model.parameters() is not the optimizer's shards then.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    shard_group_ranks = mesh["shard"].size() if mesh is not None else dist.get_world_size()
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=shard_group_ranks > 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_world_size() == 1:  # nothing to reduce; torch 2.11's FSDP would still divide every gradient by 1
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import transformers
 from torch.distributed.tensor import DTensor
 
-from recipes import build
+from recipes import build, parallel
 from recipes.build import model_shape
 from recipes.config import TrainingConfig, load_config
 from recipes.errors import UserError
@@ -52,11 +52,14 @@ def _full_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str) -> None:
+def _build_and_save(
+    rank: int, world: int, store: str, out: str, init_from: str, tied: bool, ac: str, replicate: int
+) -> None:
     _join(rank, world, store)
     shape = dataclasses.replace(flavor_config("debug"), tie_embeddings=tied)
+    mesh = parallel.device_mesh(replicate, torch.device("cpu"))
     model = build.build_model(
-        shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from, torch.device("cpu")
+        shape, dataclasses.replace(TRAINING, activation_checkpoint=ac), init_from, torch.device("cpu"), mesh
     )
     state = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in _full_state(model).items()}
     facts = {
@@ -69,17 +72,20 @@ def _build_and_save(rank: int, world: int, store: str, out: str, init_from: str,
     tokens = torch.randint(0, shape.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(tokens)  # every rank the same rows: FSDP gathers each block's shards for the forward
+    facts["kept_gathered"] = not isinstance(model.layers["0"].attention.wq.weight, DTensor)
     if rank == 0:
         torch.save({**facts, "tokens": tokens, "logits": logits}, out)
     _leave()
 
 
-def build_in_processes(tmp_path: Path, world: int, init_from: str = "", tied: bool = True, ac: str = "none") -> dict:
-    out = tmp_path / f"world{world}-{bool(init_from)}-{tied}-{ac}.pt"
+def build_in_processes(
+    tmp_path: Path, world: int, init_from: str = "", tied: bool = True, ac: str = "none", replicate: int = 1
+) -> dict:
+    out = tmp_path / f"world{world}-{bool(init_from)}-{tied}-{ac}-{replicate}.pt"
     store = tmp_path / f"store-{out.stem}"
     mp.start_processes(
         _build_and_save,
-        args=(world, str(store), str(out), init_from, tied, ac),
+        args=(world, str(store), str(out), init_from, tied, ac, replicate),
         nprocs=world,
         start_method="spawn",
         join=True,
@@ -99,6 +105,8 @@ def test_meta_build_equals_the_plain_init_at_every_world_size(tmp_path, tied):
     plain = plain_model(tied)
     expected = {name: p.detach() for name, p in plain.named_parameters()}
     assert two["local_rows"] < one["local_rows"]  # two processes really held half each
+    # a block's gathered parameters outlive its forward only where there is nothing to gather (one rank)
+    assert one["kept_gathered"] and not two["kept_gathered"]
     for result in (one, two):
         assert result["state"].keys() == expected.keys()
         for name, tensor in expected.items():
@@ -108,6 +116,14 @@ def test_meta_build_equals_the_plain_init_at_every_world_size(tmp_path, tied):
             result["rope"], rope_cache(plain.config.head_dim, plain.config.max_seq_len, plain.config.rope_theta)
         )
         assert result["params"] == plain.num_params()
+
+
+def test_replicas_of_one_rank_each_keep_their_blocks_gathered_and_the_same_model(tmp_path):
+    result = build_in_processes(tmp_path, 2, replicate=2)  # HSDP: 2 replicas, a shard group of one rank each
+    assert result["kept_gathered"]
+    assert result["local_rows"] == result["state"]["tok_embeddings.weight"].shape[0]  # nothing sharded
+    for name, tensor in plain_model().named_parameters():
+        assert torch.equal(result["state"][name], tensor.detach()), name
 
 
 @pytest.mark.parametrize("tied, ac", [(True, "none"), (False, "none"), (True, "selective")])
