@@ -5,7 +5,8 @@
 #      sdpa causal 8192 × 2 (the same tokens, for the FA4 / sdpa ratio);
 #   2. levers: benchmarks/levers.py, 4B blocks fwd+bwd bf16 vs float8 (kept only at ≥ 1.1×), and AdamW fused vs
 #      foreach over the 0.6B model's FSDP parameters;
-#   3. loss: benchmarks/loss.py, chunk 4096 vs 8192 at 32k tokens.
+#   3. loss: benchmarks/loss.py at one 8192 × 3 step's 24,576 tokens: ours (chunk 4096) against QuACK's and Liger's
+#      fused linear cross-entropy.
 # docs/results.md section 5 has its results of 2026-12-03 (then with two more levers, since dropped: fused q/k/v and
 # gate/up projections, and a bfloat16 grad_weight sum in the loss). float8's loss check: gpu_float8_check.sh.
 # Usage, FA4 importable first (benchmarks/gpu_setup.sh fa4-stage, then fa4-install) and WHEELS_DIR from
@@ -63,7 +64,7 @@ if want levers 60; then
 fi
 if want loss 30; then
   echo "== loss ($(left) s left)"
-  timeout "$(left)" python3 benchmarks/loss.py --tokens 32768 --chunks 4096,8192 \
+  timeout "$(left)" python3 benchmarks/loss.py --tokens 24576 --chunks 4096 \
     --repeats 8 --out "$dest/loss.json" > "$dest/loss.log" 2>&1
   tail -6 "$dest/loss.log"
 fi

@@ -1,5 +1,8 @@
 """Output-head loss, forward + backward: today's logits + compiled cross-entropy against our chunked
-linear_cross_entropy (recipes/qwen3/loss.py) and, where it is installed, cut-cross-entropy.
+linear_cross_entropy (recipes/qwen3/loss.py) and, where they are installed, cut-cross-entropy, QuACK's
+chunked_linear_cross_entropy (quack-kernels, which FlashAttention-4 brings) and Liger's fused linear cross-entropy
+(liger-kernel: its Triton kernel, and its Hopper CuTe DSL kernel). A path that refuses the shape is listed with its
+reason.
 
 For each token count: median time (CUDA events, after warm-up) and the peak memory above the inputs
 (torch.cuda.max_memory_allocated; the bf16 gradients of hidden and weight are part of it in every path), and each
@@ -59,6 +62,32 @@ def cce_path():
         return cce(hidden, weight, labels, impl="cce")  # its defaults: mean, ignore_index -100, gradient filter
 
     return run
+
+
+def quack_path():
+    try:
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+    except ImportError:
+        return None
+
+    def run(hidden, weight, labels):
+        return chunked_linear_cross_entropy(hidden, weight, labels, reduction="mean")
+
+    return run
+
+
+def liger_paths() -> dict:
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return {}
+    paths = {"liger triton": liger_fused_linear_cross_entropy}  # (hidden, weight, labels) -> mean loss, as ours
+    try:
+        from liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90 import liger_fused_linear_cross_entropy_sm90
+    except ImportError:
+        return paths
+    paths["liger CuTe SM90"] = liger_fused_linear_cross_entropy_sm90
+    return paths
 
 
 class Timer:
@@ -157,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         paths["cut-cross-entropy cce"] = cce
     else:
         print("cut-cross-entropy: skipped (not importable, or no CUDA)", file=sys.stderr)
+    if device.type == "cuda":
+        quack = quack_path()
+        paths.update({"quack chunked": quack} if quack else {})
+        paths.update(liger_paths())
 
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
@@ -169,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         exact = fp32_reference(hidden, weight, labels)
         reference = None
         for name, path in paths.items():
-            result = measure(path, hidden, weight, labels, args.warmup, args.repeats, timer)
+            try:
+                result = measure(path, hidden, weight, labels, args.warmup, args.repeats, timer)
+            except (ValueError, TypeError, RuntimeError, AssertionError) as refusal:  # a shape the kernel does not take
+                rows.append({"tokens": tokens, "path": name, "refused": str(refusal).splitlines()[0][:200]})
+                print(f"{name} at {tokens} tokens: refused: {rows[-1]['refused']}", file=sys.stderr)
+                continue
             reference = reference or result
             rows.append(
                 {
@@ -203,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        if "refused" in r:
+            print(f"| {r['tokens']} | {r['path']} | refused: {r['refused']} |")
+            continue
         memory = "n/a" if r["extra_gib"] is None else f"{r['extra_gib']:.2f}"
         print(
             f"| {r['tokens']} | {r['path']} | {r['ms']:.1f} | {memory} | {r['loss']:.6f} | {r['loss_diff']:.1e} | "
