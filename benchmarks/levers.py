@@ -128,6 +128,7 @@ def attention_case(args, variant: str, device: torch.device, timer: Timer) -> di
     group = config.n_heads // config.n_kv_heads
 
     def call():
+        q.grad = k.grad = v.grad = None  # each call its own backward, with no accumulation into earlier gradients
         kv = (k, v) if variant != "fa4-repeat-kv" else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))
         backend(q, *kv, meta, config.head_dim**-0.5).backward(grad)
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="do not compile the blocks")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (after every case)")
     args = parser.parse_args(argv)
+    if args.tokens > args.seq_len and args.tokens % args.seq_len:
+        parser.error(f"--tokens {args.tokens} fills no whole rows of --seq-len {args.seq_len}: give a multiple of it")
     device = torch.device(args.device)
     timer = Timer(device)
     rows = []

@@ -64,29 +64,33 @@ def cce_path():
     return run
 
 
-def quack_path():
+def others_paths(device: torch.device) -> dict:
+    """Other libraries' fused linear cross-entropy on CUDA, each a mean over the labels like the paths above; one
+    that does not import is named with its reason."""
+    paths = {}
     try:
         from quack.linear_cross_entropy import chunked_linear_cross_entropy
-    except ImportError:
-        return None
 
-    def run(hidden, weight, labels):
-        return chunked_linear_cross_entropy(hidden, weight, labels, reduction="mean")
-
-    return run
-
-
-def liger_paths() -> dict:
+        paths["quack chunked"] = chunked_linear_cross_entropy  # (x, weight, target), mean by default
+    except ImportError as error:
+        print(f"quack chunked: skipped ({error})", file=sys.stderr)
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return {}
-    paths = {"liger triton": liger_fused_linear_cross_entropy}  # (hidden, weight, labels) -> mean loss, as ours
+
+        # its grad_weight summed in float32, as ours and QuACK's (its default sums in the input's dtype)
+        paths["liger triton"] = lambda hidden, weight, labels: liger_fused_linear_cross_entropy(
+            hidden, weight, labels, accum_dtype=torch.float32
+        )
+    except ImportError as error:
+        print(f"liger triton: skipped ({error})", file=sys.stderr)
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return paths
     try:
         from liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90 import liger_fused_linear_cross_entropy_sm90
-    except ImportError:
-        return paths
-    paths["liger CuTe SM90"] = liger_fused_linear_cross_entropy_sm90
+
+        paths["liger CuTe SM90"] = liger_fused_linear_cross_entropy_sm90
+    except ImportError as error:
+        print(f"liger CuTe SM90: skipped ({error})", file=sys.stderr)
     return paths
 
 
@@ -186,10 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         paths["cut-cross-entropy cce"] = cce
     else:
         print("cut-cross-entropy: skipped (not importable, or no CUDA)", file=sys.stderr)
-    if device.type == "cuda":
-        quack = quack_path()
-        paths.update({"quack chunked": quack} if quack else {})
-        paths.update(liger_paths())
+    others = others_paths(device) if device.type == "cuda" else {}
+    paths.update(others)
 
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
@@ -204,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in paths.items():
             try:
                 result = measure(path, hidden, weight, labels, args.warmup, args.repeats, timer)
-            except (ValueError, TypeError, RuntimeError, AssertionError) as refusal:  # a shape the kernel does not take
-                rows.append({"tokens": tokens, "path": name, "refused": str(refusal).splitlines()[0][:200]})
-                print(f"{name} at {tokens} tokens: refused: {rows[-1]['refused']}", file=sys.stderr)
+            except (NotImplementedError, ValueError, TypeError, AssertionError) as refusal:  # their shape checks
+                if name not in others:
+                    raise
+                reason = f"{type(refusal).__name__}: {str(refusal).splitlines()[0][:200]}"
+                rows.append({"tokens": tokens, "path": name, "refused": reason})
+                print(f"{name} at {tokens} tokens: refused ({reason})", file=sys.stderr)
                 continue
             reference = reference or result
             rows.append(

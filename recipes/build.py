@@ -121,10 +121,11 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMes
     A block's gathered parameters are freed after its forward and gathered again for its backward only where a
     shard group has several ranks: with one, the gather is a copy in param_dtype, and keeping those copies (2 bytes a
     parameter in bf16) costs less than copying them again. They then stay gathered after a forward without backward
-    (evaluation) until the next backward or state dict, so model.parameters() is not the optimizer's shards then.
+    (evaluation) until the next backward or state dict, so model.parameters() is not the optimizer's shards then,
+    and a state dict is loaded before any forward (train.py loads at start), not after one.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    shard_group_ranks = mesh["shard"].size() if mesh is not None else dist.get_world_size()
+    shard_group_ranks = mesh.size(-1) if mesh is not None else dist.get_world_size()  # FSDP2 shards on the last
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=shard_group_ranks > 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
