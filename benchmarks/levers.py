@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here (after every case)")
     args = parser.parse_args(argv)
     if args.tokens > args.seq_len and args.tokens % args.seq_len:
-        parser.error(f"--tokens {args.tokens} fills no whole rows of --seq-len {args.seq_len}: give a multiple of it")
+        parser.error(f"--tokens {args.tokens} is no whole number of rows of --seq-len {args.seq_len}: give a multiple")
     device = torch.device(args.device)
     timer = Timer(device)
     rows = []
