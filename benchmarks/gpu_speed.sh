@@ -6,13 +6,15 @@
 #   2. levers: benchmarks/levers.py, 4B blocks fwd+bwd bf16 vs float8 (kept only at ≥ 1.1×), and AdamW fused vs
 #      foreach over the 0.6B model's FSDP parameters;
 #   3. loss: benchmarks/loss.py at one 8192 × 3 step's 24,576 tokens: ours (chunk 4096) against QuACK's and Liger's
-#      fused linear cross-entropy.
+#      fused linear cross-entropy;
+#   4. tiles: benchmarks/levers.py --parts fa4-tiles, FA4's SM90 backward under each feasible tile shape against
+#      the one FA4 picks, one 0.6B layer's attention on 24,576 packed tokens.
 # docs/results.md section 5 has its results of 2026-12-03 (then with two more levers, since dropped: fused q/k/v and
 # gate/up projections, and a bfloat16 grad_weight sum in the loss). float8's loss check: gpu_float8_check.sh.
 # Usage, FA4 importable first (benchmarks/gpu_setup.sh fa4-stage, then fa4-install) and WHEELS_DIR from
 # benchmarks/gpu_setup.sh wheels (torchtitan 0.2.2, torchao 0.18.0 and their needs):
 #   bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
-# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default) and tests (pytest -m gpu
+# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default), tiles and tests (pytest -m gpu
 # tests/gpu/test_fa4.py: FA4 in compiled blocks, ~1 min). SPEED_BUDGET_S (default
 # 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
 # and what finished is kept (each writes its JSON after every case).
@@ -67,5 +69,11 @@ if want loss 30; then
   timeout "$(left)" python3 benchmarks/loss.py --tokens 24576 --chunks 4096 \
     --repeats 8 --out "$dest/loss.json" > "$dest/loss.log" 2>&1
   tail -6 "$dest/loss.log"
+fi
+if want tiles 60; then
+  echo "== tiles ($(left) s left)"
+  timeout "$(left)" python3 benchmarks/levers.py --parts fa4-tiles --flavor 0.6B --tokens 24576 \
+    --out "$dest/tiles.json" > "$dest/tiles.log" 2>&1
+  tail -14 "$dest/tiles.log"
 fi
 echo "== done in $((SECONDS - start)) s; results in $dest"

@@ -9,12 +9,15 @@
   native GQA (K/V heads shared; its backward then sums dK/dV over the query heads of a group in float32 buffers
   with atomics, and a postprocess), FA4 on K/V repeated to every query head (autograd sums the repeats' gradients),
   and torch's varlen_attn. Also the host's time to launch one call, the part that binds when the GPU runs ahead.
+- fa4-tiles: the same layer's FA4 forward + backward under each SM90 backward tile shape that FA4's own search
+  finds feasible, against the one FA4 picks, with each shape's gradients against the default's.
 
 Medians of CUDA-event times after warm-up. Run on the GPU machine:
 
     python benchmarks/levers.py --parts blocks,adamw --out results/levers.json
     python benchmarks/levers.py --parts blocks --flavor 1.7B --variants bf16,fp8
     python benchmarks/levers.py --parts attention --flavor 0.6B --tokens 24576
+    python benchmarks/levers.py --parts fa4-tiles --flavor 0.6B --tokens 24576
     python benchmarks/levers.py --device cpu --flavor debug --tokens 256 --blocks 1 --repeats 2 --eager  # CPU smoke
 """
 
@@ -108,9 +111,9 @@ def blocks_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
     }
 
 
-def attention_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
-    if variant not in ATTENTION_VARIANTS:
-        raise SystemExit(f"levers.py: attention variant {variant!r} is not one of {', '.join(ATTENTION_VARIANTS)}")
+def attention_inputs(args, variant: str, device: torch.device):
+    """One layer's varlen document attention on packed documents: (call, meta, q, k, v); call() runs forward and
+    backward, with no accumulation into earlier gradients."""
     config = flavor_config(args.flavor)
     backend = build_backend("varlen", "document", "torch" if variant == "torch" else "fa4")
     rows, seq = packed_shape(args)
@@ -128,10 +131,17 @@ def attention_case(args, variant: str, device: torch.device, timer: Timer) -> di
     group = config.n_heads // config.n_kv_heads
 
     def call():
-        q.grad = k.grad = v.grad = None  # each call its own backward, with no accumulation into earlier gradients
+        q.grad = k.grad = v.grad = None
         kv = (k, v) if variant != "fa4-repeat-kv" else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))
         backend(q, *kv, meta, config.head_dim**-0.5).backward(grad)
 
+    return call, meta, q, k, v
+
+
+def attention_case(args, variant: str, device: torch.device, timer: Timer) -> dict:
+    if variant not in ATTENTION_VARIANTS:
+        raise SystemExit(f"levers.py: attention variant {variant!r} is not one of {', '.join(ATTENTION_VARIANTS)}")
+    call, meta, *_ = attention_inputs(args, variant, device)
     started = time.perf_counter()
     call()  # compiles the kernels
     first_s = time.perf_counter() - started
@@ -148,13 +158,55 @@ def attention_case(args, variant: str, device: torch.device, timer: Timer) -> di
         "part": "attention",
         "flavor": args.flavor,
         "variant": variant,
-        "tokens": rows * seq,
+        "tokens": meta.cu_seqlens[-1].item(),
         "documents": len(meta.cu_seqlens) - 1,
         "max_seqlen": meta.max_seqlen,
         "ms": ms,
         "host_ms_per_call": statistics.median(host),
         "first_call_s": first_s,
     }
+
+
+def fa4_tiles_case(args, device: torch.device, timer: Timer) -> list[dict]:
+    """FA4's SM90 backward under each tile shape FA4's own search (flash_attn/cute/sm90_config_search.py) finds
+    feasible for the flavor's head_dim, the one it ranks first for each shape, against the configuration FA4's
+    interface picks (`_tile_size_bwd_sm90`, put back after): one layer's attention, forward + backward, and each
+    shape's gradients against the default's (largest difference over the largest gradient)."""
+    from flash_attn.cute import interface
+    from flash_attn.cute.sm90_config_search import find_feasible_bwd_configs
+
+    head_dim = flavor_config(args.flavor).head_dim
+    chosen = interface._tile_size_bwd_sm90
+    configs = {"default": chosen(head_dim, head_dim, True, False)}
+    for c in find_feasible_bwd_configs(head_dim, head_dim):  # best first
+        configs.setdefault(
+            f"{c['tile_m']}x{c['tile_n']}",
+            interface.BwdConfig(
+                c["tile_m"], c["tile_n"], c["Q_stage"], c["dO_stage"], c["PdS_stage"], c["SdP_swapAB"],
+                c["dKV_swapAB"], c["dQ_swapAB"], c["AtomLayoutMSdP"], c["AtomLayoutNdKV"], c["AtomLayoutMdQ"],
+                c["num_wg"],
+            ),
+        )  # fmt: skip
+    call, meta, *inputs = attention_inputs(args, "fa4", device)
+    rows, reference = [], None
+    try:
+        for name, config in configs.items():
+            interface._tile_size_bwd_sm90 = lambda *_, config=config, **__: config
+            row = {"part": "fa4-tiles", "flavor": args.flavor, "variant": name, "config": repr(config)}
+            try:
+                call()  # compiles this configuration's kernel
+            except Exception as error:  # a shape the search admits that the kernel refuses: listed with its reason
+                rows.append({**row, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            grads = [t.grad.float() for t in inputs]
+            reference = reference or grads
+            row["grad_difference"] = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, reference))
+            rows.append({**row, "ms": median_ms(timer, call, args.warmup, args.repeats)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        interface._tile_size_bwd_sm90 = chosen
+    return rows
 
 
 def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
@@ -177,7 +229,7 @@ def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw, attention")
+    parser.add_argument("--parts", default="blocks,adamw", help="comma-separated: blocks, adamw, attention, fa4-tiles")
     parser.add_argument("--flavor", default="4B", help="the blocks' flavor")
     parser.add_argument("--adamw-flavor", default="0.6B")
     parser.add_argument("--variants", default="bf16,fp8", help="comma-separated block variants: bf16, fp8")
@@ -217,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in parts:
         for variant in args.attention_variants.split(","):
             record([attention_case(args, variant, device, timer)])
+    if "fa4-tiles" in parts:
+        record(fa4_tiles_case(args, device, timer))
     if "adamw" in parts:
         record(adamw_case(argparse.Namespace(**{**vars(args), "flavor": args.adamw_flavor}), device, timer))
     print("\n| part | flavor | variant | ms | host ms a call |\n|---|---|---|---|---|")
-    for row in rows:
+    for row in [row for row in rows if "ms" in row]:
         host = f"{row['host_ms_per_call']:.2f}" if "host_ms_per_call" in row else ""
         print(f"| {row['part']} | {row['flavor']} | {row['variant']} | {row['ms']:.2f} | {host} |")
     return 0
