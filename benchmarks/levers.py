@@ -9,8 +9,8 @@
   native GQA (K/V heads shared; its backward then sums dK/dV over the query heads of a group in float32 buffers
   with atomics, and a postprocess), FA4 on K/V repeated to every query head (autograd sums the repeats' gradients),
   and torch's varlen_attn. Also the host's time to launch one call, the part that binds when the GPU runs ahead.
-- fa4-tiles: the same layer's FA4 forward + backward under each SM90 backward tile shape that FA4's own search
-  finds feasible, against the one FA4 picks, with each shape's gradients against the default's.
+- fa4-tiles: the same layer's FA4 forward + backward under the SM90 backward configuration recipes/qwen3/fa4.py
+  picks, FA4's own, and each tile shape FA4's own search finds feasible, with each one's gradients against ours.
 
 Medians of CUDA-event times after warm-up. Run on the GPU machine:
 
@@ -168,29 +168,34 @@ def attention_case(args, variant: str, device: torch.device, timer: Timer) -> di
 
 
 def fa4_tiles_case(args, device: torch.device, timer: Timer) -> list[dict]:
-    """FA4's SM90 backward under each tile shape FA4's own search (flash_attn/cute/sm90_config_search.py) finds
-    feasible for the flavor's head_dim, the one it ranks first for each shape, against the configuration FA4's
-    interface picks (`_tile_size_bwd_sm90`, put back after): one layer's attention, forward + backward, and each
-    shape's gradients against the default's (largest difference over the largest gradient)."""
-    from flash_attn.cute import interface
+    """FA4's SM90 backward under the configuration recipes/qwen3/fa4.py picks ("recipe", measured first and again
+    last), FA4's own ("fa4"), and each tile shape FA4's own search (flash_attn/cute/sm90_config_search.py) finds
+    feasible for the flavor's head_dim, the one it ranks first for each shape: one layer's attention, forward +
+    backward, and each one's gradients against the recipe's (largest difference over the largest gradient)."""
     from flash_attn.cute.sm90_config_search import find_feasible_bwd_configs
 
+    from recipes.qwen3 import fa4
+
+    interface = fa4._interface()
+    recipe_choice = interface._tile_size_bwd_sm90  # functools.partial(fa4._backward_tiles, FA4's own choice)
     head_dim = flavor_config(args.flavor).head_dim
-    chosen = interface._tile_size_bwd_sm90
-    configs = {"default": chosen(head_dim, head_dim, True, False)}
+    recipe = recipe_choice(head_dim, head_dim, True, False)
+    configs = [("recipe", recipe), ("fa4", recipe_choice.args[0](head_dim, head_dim, True, False))]
+    shapes = set()
     for c in find_feasible_bwd_configs(head_dim, head_dim):  # best first
-        configs.setdefault(
-            f"{c['tile_m']}x{c['tile_n']}",
-            interface.BwdConfig(
+        if (c["tile_m"], c["tile_n"]) not in shapes:
+            shapes.add((c["tile_m"], c["tile_n"]))
+            config = interface.BwdConfig(
                 c["tile_m"], c["tile_n"], c["Q_stage"], c["dO_stage"], c["PdS_stage"], c["SdP_swapAB"],
                 c["dKV_swapAB"], c["dQ_swapAB"], c["AtomLayoutMSdP"], c["AtomLayoutNdKV"], c["AtomLayoutMdQ"],
                 c["num_wg"],
-            ),
-        )  # fmt: skip
+            )  # fmt: skip
+            configs.append((f"{c['tile_m']}x{c['tile_n']}", config))
+    configs.append(("recipe (again)", recipe))  # a drift over the sweep shows as a difference from the first
     call, meta, *inputs = attention_inputs(args, "fa4", device)
     rows, reference = [], None
     try:
-        for name, config in configs.items():
+        for name, config in configs:
             interface._tile_size_bwd_sm90 = lambda *_, config=config, **__: config
             row = {"part": "fa4-tiles", "flavor": args.flavor, "variant": name, "config": repr(config)}
             try:
@@ -205,7 +210,7 @@ def fa4_tiles_case(args, device: torch.device, timer: Timer) -> list[dict]:
             rows.append({**row, "ms": median_ms(timer, call, args.warmup, args.repeats)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        interface._tile_size_bwd_sm90 = chosen
+        interface._tile_size_bwd_sm90 = recipe_choice
     return rows
 
 

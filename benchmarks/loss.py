@@ -64,16 +64,21 @@ def cce_path():
     return run
 
 
+def skipped(name: str, error: Exception) -> None:
+    print(f"{name}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:200]})", file=sys.stderr)
+
+
 def others_paths(device: torch.device) -> dict:
     """Other libraries' fused linear cross-entropy on CUDA, each a mean over the labels like the paths above; one
-    that does not import is named with its reason."""
+    that does not import, for whatever reason (quack-kernels 0.6.5's module raises TypeError on import beside
+    nvidia-cutlass-dsl 4.8.1), is named with its reason."""
     paths = {}
     try:
         from quack.linear_cross_entropy import chunked_linear_cross_entropy
 
         paths["quack chunked"] = chunked_linear_cross_entropy  # (x, weight, target), mean by default
-    except ImportError as error:
-        print(f"quack chunked: skipped ({error})", file=sys.stderr)
+    except Exception as error:
+        skipped("quack chunked", error)
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -81,16 +86,16 @@ def others_paths(device: torch.device) -> dict:
         paths["liger triton"] = lambda hidden, weight, labels: liger_fused_linear_cross_entropy(
             hidden, weight, labels, accum_dtype=torch.float32
         )
-    except ImportError as error:
-        print(f"liger triton: skipped ({error})", file=sys.stderr)
+    except Exception as error:
+        skipped("liger triton", error)
     if torch.cuda.get_device_capability(device) != (9, 0):
         return paths
     try:
         from liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90 import liger_fused_linear_cross_entropy_sm90
 
         paths["liger CuTe SM90"] = liger_fused_linear_cross_entropy_sm90
-    except ImportError as error:
-        print(f"liger CuTe SM90: skipped ({error})", file=sys.stderr)
+    except Exception as error:
+        skipped("liger CuTe SM90", error)
     return paths
 
 

@@ -110,9 +110,6 @@ def apply_compile(model: torch.nn.Module) -> None:
 def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMesh | None = None) -> None:
     """FSDP2: one unit per transformer block plus the root (embedding, final norm and output head). With a 2-D
     (replicate, shard) mesh it is HSDP: parameters sharded within a replica, gradients reduced across replicas.
-    With one rank in all there is nothing to shard or reduce, so the whole model is one unit: its parameters are
-    gathered (a copy in param_dtype) once a step, and the host runs one FSDP hook a step instead of one a block
-    (on an H200, 0.6B's forward is launched barely faster than its blocks run).
 
     Tied embeddings stay in the root unit with the output head: wrapping tok_embeddings as its own unit would
     split one parameter across two FSDP groups, which torch >= 2.13 refuses.
@@ -128,13 +125,12 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype, mesh: DeviceMes
     and a state dict is loaded before any forward (train.py loads at start), not after one.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if dist.get_world_size() == 1:  # no gradient divide factor either: torch 2.11's FSDP would divide by 1
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-        return
     shard_group_ranks = mesh.size(-1) if mesh is not None else dist.get_world_size()  # FSDP2 shards on the last
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=shard_group_ranks > 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_world_size() == 1:  # nothing to reduce; torch 2.11's FSDP would still divide every gradient by 1
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
