@@ -8,6 +8,9 @@ nothing with torch.library, so its forward and backward are wrapped here as cust
 implementations: compiled blocks (fullgraph=True) trace through them. flash_attn is imported only when a kernel
 runs, so this module imports, and its ops trace, where flash-attn-4 is not installed.
 
+One choice of FA4's is changed, at the one place FA4 makes it: its SM90 backward single-buffers P and dS for
+causal head_dim 128 (_backward_tiles), which is faster on an H200 with the same gradients.
+
 torch 2.11's own hook, torch.nn.attention.activate_flash_attention_impl("FA4"), cannot stand in for this module:
 its backward rejects the window arguments varlen_attn passes ("windowed attention not supported").
 """
