@@ -8,7 +8,7 @@
 #   3. loss: benchmarks/loss.py at one 8192 × 3 step's 24,576 tokens: ours (chunk 4096) against QuACK's and Liger's
 #      fused linear cross-entropy;
 #   4. tiles: benchmarks/levers.py --parts fa4-tiles, FA4's SM90 backward under each feasible tile shape against
-#      the one FA4 picks, one 0.6B layer's attention on 24,576 packed tokens.
+#      the configuration FA4 picks, one 0.6B layer's attention on 24,576 packed tokens.
 # docs/results.md section 5 has its results of 2026-12-03 (then with two more levers, since dropped: fused q/k/v and
 # gate/up projections, and a bfloat16 grad_weight sum in the loss). float8's loss check: gpu_float8_check.sh.
 # Usage, FA4 importable first (benchmarks/gpu_setup.sh fa4-stage, then fa4-install) and WHEELS_DIR from

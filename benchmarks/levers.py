@@ -9,8 +9,8 @@
   native GQA (K/V heads shared; its backward then sums dK/dV over the query heads of a group in float32 buffers
   with atomics, and a postprocess), FA4 on K/V repeated to every query head (autograd sums the repeats' gradients),
   and torch's varlen_attn. Also the host's time to launch one call, the part that binds when the GPU runs ahead.
-- fa4-tiles: the same layer's FA4 forward + backward under the SM90 backward configuration recipes/qwen3/fa4.py
-  picks, FA4's own, and each tile shape FA4's own search finds feasible, with each one's gradients against ours.
+- fa4-tiles: the same layer's FA4 forward + backward under the SM90 backward configuration FA4 picks and each
+  tile shape FA4's own search finds feasible, with each one's gradients against FA4's pick.
 
 Medians of CUDA-event times after warm-up. Run on the GPU machine:
 
@@ -167,51 +167,62 @@ def attention_case(args, variant: str, device: torch.device, timer: Timer) -> di
     }
 
 
-def fa4_tiles_case(args, device: torch.device, timer: Timer) -> list[dict]:
-    """FA4's SM90 backward under the configuration recipes/qwen3/fa4.py picks ("recipe", measured first and again
-    last), FA4's own ("fa4"), and each tile shape FA4's own search (flash_attn/cute/sm90_config_search.py) finds
-    feasible for the flavor's head_dim, the one it ranks first for each shape: one layer's attention, forward +
-    backward, and each one's gradients against the recipe's (largest difference over the largest gradient)."""
+def fa4_tiles_case(args, device: torch.device, timer: Timer, record) -> None:
+    """FA4's SM90 backward under the configuration FA4 picks ("fa4", measured first and again last) and each tile
+    shape FA4's own search (flash_attn/cute/sm90_config_search.py) finds feasible for the flavor's head_dim, the one
+    it ranks first for each shape: one layer's attention, forward + backward, and each one's gradients against FA4's
+    pick (largest difference over the largest gradient; NaN shows). Each configuration compiles into an empty kernel
+    cache: FA4 4.0.0b36's cache key leaves out some fields (num_stages_PdS), so two configurations can share a key."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        raise SystemExit("levers.py: fa4-tiles measures FA4's SM90 backward: it needs a compute capability 9.x GPU")
+    from flash_attn.cute import interface
+    from flash_attn.cute.cache_utils import JITCache
     from flash_attn.cute.sm90_config_search import find_feasible_bwd_configs
 
-    from recipes.qwen3 import fa4
-
-    interface = fa4._interface()
-    recipe_choice = interface._tile_size_bwd_sm90  # functools.partial(fa4._backward_tiles, FA4's own choice)
     head_dim = flavor_config(args.flavor).head_dim
-    recipe = recipe_choice(head_dim, head_dim, True, False)
-    configs = [("recipe", recipe), ("fa4", recipe_choice.args[0](head_dim, head_dim, True, False))]
-    shapes = set()
+    fa4_choice, fa4_cache = interface._tile_size_bwd_sm90, interface._flash_attn_bwd.compile_cache
+    fa4_pick = fa4_choice(head_dim, head_dim, True, False)
+    configs, shapes = [("fa4", fa4_pick)], set()
     for c in find_feasible_bwd_configs(head_dim, head_dim):  # best first
-        if (c["tile_m"], c["tile_n"]) not in shapes:
+        if (c["tile_m"], c["tile_n"]) not in shapes:  # FA4's shape too: the search may rank other stages first
             shapes.add((c["tile_m"], c["tile_n"]))
             config = interface.BwdConfig(
                 c["tile_m"], c["tile_n"], c["Q_stage"], c["dO_stage"], c["PdS_stage"], c["SdP_swapAB"],
                 c["dKV_swapAB"], c["dQ_swapAB"], c["AtomLayoutMSdP"], c["AtomLayoutNdKV"], c["AtomLayoutMdQ"],
                 c["num_wg"],
             )  # fmt: skip
-            configs.append((f"{c['tile_m']}x{c['tile_n']}", config))
-    configs.append(("recipe (again)", recipe))  # a drift over the sweep shows as a difference from the first
+            if config != fa4_pick:
+                configs.append((f"{c['tile_m']}x{c['tile_n']}", config))
+    configs.append(("fa4 (again)", fa4_pick))  # the card's drift over the sweep shows as a change from the first
     call, meta, *inputs = attention_inputs(args, "fa4", device)
-    rows, reference = [], None
+    reference = None
     try:
         for name, config in configs:
             interface._tile_size_bwd_sm90 = lambda *_, config=config, **__: config
-            row = {"part": "fa4-tiles", "flavor": args.flavor, "variant": name, "config": repr(config)}
+            interface._flash_attn_bwd.compile_cache = JITCache()
+            row = {
+                "part": "fa4-tiles",
+                "flavor": args.flavor,
+                "variant": name,
+                "config": repr(config),
+                "tokens": int(meta.cu_seqlens[-1]),
+                "documents": len(meta.cu_seqlens) - 1,
+            }
             try:
                 call()  # compiles this configuration's kernel
             except Exception as error:  # a shape the search admits that the kernel refuses: listed with its reason
-                rows.append({**row, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-                print(json.dumps(rows[-1]), flush=True)
+                if reference is None:
+                    raise  # FA4's own pick must run: it is what the others are measured against
+                record([{**row, "error": f"{type(error).__name__}: {str(error)[:300]}"}])
                 continue
             grads = [t.grad.float() for t in inputs]
-            reference = reference or grads
-            row["grad_difference"] = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, reference))
-            rows.append({**row, "ms": median_ms(timer, call, args.warmup, args.repeats)})
-            print(json.dumps(rows[-1]), flush=True)
+            reference = grads if reference is None else reference
+            difference = torch.stack([(g - r).abs().max() / r.abs().max() for g, r in zip(grads, reference)]).max()
+            record(
+                [{**row, "grad_difference": difference.item(), "ms": median_ms(timer, call, args.warmup, args.repeats)}]
+            )
     finally:
-        interface._tile_size_bwd_sm90 = recipe_choice
-    return rows
+        interface._tile_size_bwd_sm90, interface._flash_attn_bwd.compile_cache = fa4_choice, fa4_cache
 
 
 def adamw_case(args, device: torch.device, timer: Timer) -> list[dict]:
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.attention_variants.split(","):
             record([attention_case(args, variant, device, timer)])
     if "fa4-tiles" in parts:
-        record(fa4_tiles_case(args, device, timer))
+        fa4_tiles_case(args, device, timer, record)
     if "adamw" in parts:
         record(adamw_case(argparse.Namespace(**{**vars(args), "flavor": args.adamw_flavor}), device, timer))
     print("\n| part | flavor | variant | ms | host ms a call |\n|---|---|---|---|---|")

@@ -65,7 +65,7 @@ def cce_path():
 
 
 def skipped(name: str, error: Exception) -> None:
-    print(f"{name}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:200]})", file=sys.stderr)
+    print(f"{name}: skipped ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})", file=sys.stderr)
 
 
 def others_paths(device: torch.device) -> dict:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             except (NotImplementedError, ValueError, TypeError, AssertionError) as refusal:  # their shape checks
                 if name not in others:
                     raise
-                reason = f"{type(refusal).__name__}: {str(refusal).splitlines()[0][:200]}"
+                reason = f"{type(refusal).__name__}: {(str(refusal).splitlines() or [''])[0][:200]}"
                 rows.append({"tokens": tokens, "path": name, "refused": reason})
                 print(f"{name} at {tokens} tokens: refused ({reason})", file=sys.stderr)
                 continue

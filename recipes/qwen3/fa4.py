@@ -8,44 +8,21 @@ nothing with torch.library, so its forward and backward are wrapped here as cust
 implementations: compiled blocks (fullgraph=True) trace through them. flash_attn is imported only when a kernel
 runs, so this module imports, and its ops trace, where flash-attn-4 is not installed.
 
-One choice of FA4's is changed, at the one place FA4 makes it: its SM90 backward single-buffers P and dS for
-causal head_dim 128 (_backward_tiles), which is faster on an H200 with the same gradients.
-
 torch 2.11's own hook, torch.nn.attention.activate_flash_attention_impl("FA4"), cannot stand in for this module:
 its backward rejects the window arguments varlen_attn passes ("windowed attention not supported").
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 
 
-def _backward_tiles(fa4_choice, head_dim, head_dim_v, causal, local, sparse_block_size_q=None):
-    """FA4's SM90 backward configuration, one stage changed: 4.0.0b36 double-buffers P and dS for head_dim 128
-    (num_stages_PdS=2); one buffer is faster on an H200 for causal packed documents, with the same gradients
-    (levers.py --parts fa4-tiles, docs/results.md section 5). No argument of FA4's reaches this choice."""
-    config = fa4_choice(head_dim, head_dim_v, causal, local, sparse_block_size_q)
-    if head_dim == head_dim_v == 128 and causal and not local and sparse_block_size_q is None:
-        return dataclasses.replace(config, num_stages_PdS=1)
-    return config
-
-
-@functools.cache
-def _interface():
-    """flash_attn.cute.interface, imported once (it imports cutlass: seconds), with our SM90 backward tiles."""
-    from flash_attn.cute import interface
-
-    interface._tile_size_bwd_sm90 = functools.partial(_backward_tiles, interface._tile_size_bwd_sm90)
-    return interface
-
-
 @functools.cache
 def _import_error() -> str | None:
     try:
-        _interface()
+        import flash_attn.cute.interface  # noqa: F401  (imports cutlass: seconds, so once per process)
     except ImportError as error:
         return f"flash-attn-4 is not installed (import flash_attn.cute: {error})"
     except Exception as error:  # a broken install (say, CuTe DSL libraries that do not load) is a reason too
@@ -67,8 +44,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
     # Returns (out, lse, p, row_max, o_lo); the last three are MLA-only (None here). Varlen lse: (heads, tokens).
-    out, lse, *_ = _interface()._flash_attn_fwd(
+    out, lse, *_ = _flash_attn_fwd(
         q,
         k,
         v,
@@ -101,10 +80,12 @@ def _backward(
     max_seqlen: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
     # dq/dk/dv come out as empty_like(q/k/v): contiguous inputs make them contiguous, as the fake says.
     # cu_seqlens_k is needed too (without it k is read as (batch, seq, ...)); GQA's dk/dv keep kv_heads.
     q, k, v = (t.contiguous() for t in (q, k, v))
-    dq, dk, dv = _interface()._flash_attn_bwd(
+    dq, dk, dv = _flash_attn_bwd(
         q,
         k,
         v,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
@@ -117,24 +116,6 @@ def test_fa4_fake_implementations_give_the_kernels_shapes():
         fa4.varlen_attention(q, k, v, cu_seqlens, 23, 0.125).sum().backward()
         for tensor in (q, k, v):
             assert (tensor.grad.shape, tensor.grad.dtype) == (tensor.shape, torch.bfloat16)
-
-
-def test_fa4_sm90_backward_single_buffers_p_and_ds_for_causal_head_dim_128_only():
-    """The one change to FA4's SM90 backward configuration (measured on an H200): num_stages_PdS 2 -> 1 for causal
-    head_dim 128, which is every Qwen3 flavor; FA4's own choice for any other shape, and its other fields kept."""
-
-    @dataclasses.dataclass(frozen=True)
-    class Config:  # the fields of FA4's BwdConfig that matter here
-        m_block_size: int = 64
-        num_stages_PdS: int = 2
-
-    def fa4_choice(head_dim, head_dim_v, causal, local, sparse_block_size_q=None):
-        return Config(m_block_size=head_dim // 2)
-
-    assert fa4._backward_tiles(fa4_choice, 128, 128, True, False) == Config(64, 1)
-    others = [(128, 128, False, False), (128, 128, True, True), (64, 64, True, False), (128, 128, True, False, 128)]
-    for shape in others:  # not causal; local; another head_dim; block-sparse
-        assert fa4._backward_tiles(fa4_choice, *shape) == fa4_choice(*shape), shape
 
 
 @pytest.fixture
