@@ -9,8 +9,10 @@ model shape, documents, tokenizer and batch. Run on the GPU machine:
         --torchtitan none --nproc 1
 
 A case is BACKEND-MASK-SEQ-MODE[-OPTION...]: MODE is compile or eager; options are a varlen kernel (torch, fa4),
-bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, f=FLAVOR (default --flavor), and
-fp8 (training.float8 = true; torchao; torchtitan's Trainer is run without it).
+bN (local batch N; default 16k tokens per GPU per step), ac=none|full|selective, f=FLAVOR (default --flavor),
+fp8 (training.float8 = true; torchao; torchtitan's Trainer is run without it), and Inductor's tuning for the
+compiled code, set by its environment: autotune (max-autotune for the GEMMs: Triton templates against cuBLAS) and
+cdt (coordinate-descent tuning of the generated kernels' launch configurations).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ DEFAULT_CASES = [
 DEFAULT_TORCHTITAN = ["sdpa-causal-4096-compile", "varlen-document-8192-compile"]
 TOKENS_PER_GPU = 16384
 TORCHTITAN_MASK = {"causal": "causal", "document": "block_causal"}
+INDUCTOR_OPTIONS = {
+    "autotune": {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1"},
+    "cdt": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
+}
 
 
 def parse_case(case: str, flavor: str) -> dict:
@@ -61,6 +67,7 @@ def parse_case(case: str, flavor: str) -> dict:
         "ac": "none",
         "flavor": flavor,
         "float8": False,
+        "inductor_env": {},
     }
     for option in options:
         if option in ("torch", "fa4"):
@@ -73,6 +80,8 @@ def parse_case(case: str, flavor: str) -> dict:
             spec["ac"] = option[3:]
         elif option.startswith("f="):
             spec["flavor"] = option[2:]
+        elif option in INDUCTOR_OPTIONS:
+            spec["inductor_env"] |= INDUCTOR_OPTIONS[option]
         else:
             raise SystemExit(f"benchmark.py: unknown option {option!r} in case {case!r}")
     return spec
@@ -161,7 +170,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
-        rc = run_case(command, f, args.case_timeout)
+        rc = run_case(command, f, args.case_timeout, {**os.environ, **spec["inductor_env"]})
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         return {

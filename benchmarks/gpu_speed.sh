@@ -8,13 +8,15 @@
 #   3. loss: benchmarks/loss.py at one 8192 × 3 step's 24,576 tokens: ours (chunk 4096) against QuACK's and Liger's
 #      fused linear cross-entropy;
 #   4. tiles: benchmarks/levers.py --parts fa4-tiles, FA4's SM90 backward under each feasible tile shape against
-#      the configuration FA4 picks, one 0.6B layer's attention on 24,576 packed tokens.
+#      the configuration FA4 picks, one 0.6B layer's attention on 24,576 packed tokens;
+#   5. inductor: FA4 8192 × 3 as compiled by default, with max-autotune for the GEMMs, with coordinate-descent
+#      tuning, and both, alternating with the default (benchmark.py's autotune and cdt options), each profiled.
 # docs/results.md section 5 has its results of 2026-12-03 (then with two more levers, since dropped: fused q/k/v and
 # gate/up projections, and a bfloat16 grad_weight sum in the loss). float8's loss check: gpu_float8_check.sh.
 # Usage, FA4 importable first (benchmarks/gpu_setup.sh fa4-stage, then fa4-install) and WHEELS_DIR from
 # benchmarks/gpu_setup.sh wheels (torchtitan 0.2.2, torchao 0.18.0 and their needs):
 #   bash benchmarks/gpu_speed.sh WHEELS_DIR QWEN3_TOKENIZER_DIR [DEST] [PARTS]
-# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default), tiles and tests (pytest -m gpu
+# DEST defaults to $OUT; PARTS is a comma list of runs, levers, loss (the default), tiles, inductor and tests (pytest -m gpu
 # tests/gpu/test_fa4.py: FA4 in compiled blocks, ~1 min). SPEED_BUDGET_S (default
 # 510) bounds the whole script: a part that would start past it is skipped, one that runs into it is stopped,
 # and what finished is kept (each writes its JSON after every case).
@@ -75,5 +77,14 @@ if want tiles 60; then
   timeout "$(left)" python3 benchmarks/levers.py --parts fa4-tiles --flavor 0.6B --tokens 24576 \
     --out "$dest/tiles.json" > "$dest/tiles.log" 2>&1
   tail -14 "$dest/tiles.log"
+fi
+if want inductor 120; then
+  echo "== inductor ($(left) s left)"
+  base=varlen-document-8192-compile-fa4-b3
+  cases=${INDUCTOR_CASES:-"$base $base-autotune $base-cdt $base-autotune-cdt $base $base-autotune"}
+  timeout "$(left)" python3 benchmarks/benchmark.py --tokenizer "$tokenizer" --nproc 1 --steps 15 --skip 9 \
+    --case-timeout 300 --torchtitan none --cases $cases --profile $cases --out "$dest/inductor" \
+    > "$dest/inductor.log" 2>&1
+  tail -9 "$dest/inductor.log"
 fi
 echo "== done in $((SECONDS - start)) s; results in $dest"
