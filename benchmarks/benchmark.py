@@ -104,16 +104,31 @@ def summarize(rows: list[dict], skip: int) -> dict:
     }
 
 
+def case_env(spec: dict, **extra: str) -> dict:
+    """The environment of a case's run: this process's, without Inductor's tuning unless the case asks for it (a
+    default case stays default where the shell had set it), and `extra`."""
+    tuning = {"TORCHINDUCTOR_MAX_AUTOTUNE", *(key for option in INDUCTOR_OPTIONS.values() for key in option)}
+    return {**{k: v for k, v in os.environ.items() if k not in tuning}, **spec["inductor_env"], **extra}
+
+
+def stop_runs_on_sigterm() -> None:
+    """SIGTERM (a `timeout` around benchmark.py) exits through Python, so run_case's `finally` stops the run too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def run_case(command: list[str], log, timeout: int, env: dict | None = None) -> int | str:
-    """The case's exit code, or a timeout (reported as the case's failure; the next case runs): the whole process
-    group is killed then, so no worker of torchrun's keeps the GPU's memory."""
+    """The case's exit code, or a timeout (reported as the case's failure; the next case runs). The run has its
+    own process group, killed whenever this one stops waiting for it (a timeout, or SIGTERM from a `timeout`
+    around benchmark.py), so no worker of torchrun's keeps the GPU busy after its case."""
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         return f"timeout after {timeout} s"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def torchrun_case(program: list[str], spec: dict, args, *flags: str) -> list[str]:
@@ -170,7 +185,7 @@ def run_ours(spec: dict, args, work: Path) -> dict:
     log = work / f"ours-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
-        rc = run_case(command, f, args.case_timeout, {**os.environ, **spec["inductor_env"]})
+        rc = run_case(command, f, args.case_timeout, case_env(spec))
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         return {
@@ -230,7 +245,7 @@ def run_torchtitan(spec: dict, args, work: Path, corpus: Path) -> dict:
         "1",
         "--compile.enable" if spec["compile"] else "--compile.no-enable",
     )
-    env = {**os.environ, "PYTHONPATH": f"{tt}:{os.environ.get('PYTHONPATH', '')}"}
+    env = case_env(spec, PYTHONPATH=f"{tt}:{os.environ.get('PYTHONPATH', '')}")
     log = work / f"tt-{spec['case']}.log"
     started = time.time()
     with open(log, "w") as f:
@@ -341,6 +356,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/benchmark", help="scratch folder for the runs and their logs")
     parser.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md")
     args = parser.parse_args()
+    stop_runs_on_sigterm()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
